@@ -1,0 +1,80 @@
+"""One typed home for every setting: defaults here, overridden by MELANOMA_* variables, then by CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+
+# Class folder names of the 9-class ISIC dataset, in the order of the model's outputs.
+CLASS_NAMES: tuple[str, ...] = (
+    "actinic keratosis",
+    "basal cell carcinoma",
+    "dermatofibroma",
+    "melanoma",
+    "nevus",
+    "pigmented benign keratosis",
+    "seborrheic keratosis",
+    "squamous cell carcinoma",
+    "vascular lesion",
+)
+MELANOMA = "melanoma"
+
+# ISIC 2019 ground-truth codes and the class folders each one agrees with.
+# ISIC 2019 files seborrheic keratoses under BKL, so BKL agrees with two folders.
+GROUND_TRUTH_CODES: dict[str, tuple[str, ...]] = {
+    "AK": ("actinic keratosis",),
+    "BCC": ("basal cell carcinoma",),
+    "DF": ("dermatofibroma",),
+    "MEL": ("melanoma",),
+    "NV": ("nevus",),
+    "BKL": ("pigmented benign keratosis", "seborrheic keratosis"),
+    "SCC": ("squamous cell carcinoma",),
+    "VASC": ("vascular lesion",),
+}
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int = 42
+    # Where the nightly job reads and writes (embedded defaults of the demo; s3:// or local)
+    archive_uri: str = "s3://melanoma/archive"
+    scores_uri: str = "s3://melanoma/scores"
+    model_uri: str = "s3://melanoma/models"
+    image_size: int = 180
+    val_fraction: float = 0.2
+    # Training
+    arch: str = "default"
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    patience: int = 5
+    target_sensitivity: float = 0.90
+    # Scoring
+    score_batch_size: int = 64
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    rows_per_file: int = 5000
+    max_image_pixels: int = 64_000_000  # larger declared sizes are refused as decompression bombs
+    max_decoded_side: int = 1024  # larger images are downscaled on decode to bound memory
+
+
+def settings(**overrides) -> Settings:
+    """Defaults, then MELANOMA_<FIELD> environment variables, then explicit overrides (None is ignored)."""
+    values = {}
+    for field in dataclasses.fields(Settings):
+        raw = os.environ.get(f"MELANOMA_{field.name.upper()}")
+        if raw is not None:
+            values[field.name] = type(field.default)(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
