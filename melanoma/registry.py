@@ -1,0 +1,103 @@
+"""Model artifacts: <model-dir>/<version>/{model.keras, model_card.json} and a <model-dir>/latest pointer.
+
+The card carries the model file's sha256; loading refuses a file whose checksum differs, a card whose
+classes do not match the model's outputs, and any layer that Keras safe mode will not deserialize
+(Lambda layers carry arbitrary code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from melanoma import storage
+
+MODEL_FILE = "model.keras"
+CARD_FILE = "model_card.json"
+LATEST = "latest"
+
+
+class ModelError(Exception):
+    """A one-line reason why a model artifact cannot be used."""
+
+
+@dataclass
+class LoadedModel:
+    model: object  # keras.Model
+    card: dict
+    uri: str
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.card["class_names"]
+
+
+def new_version(arch: str) -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{arch}"
+
+
+def publish(model_dir: str, model_file: str, card: dict) -> str:
+    """Copies the model and writes its card; moves `latest` only once both are complete."""
+    with open(model_file, "rb") as f:
+        data = f.read()
+    version = card["version"]
+    target = storage.join(model_dir, version)
+    if storage.exists(storage.join(target, CARD_FILE)):
+        raise ModelError(f"{target}: version already exists")
+    card = card | {"model_file": MODEL_FILE, "model_sha256": hashlib.sha256(data).hexdigest()}
+    storage.write_bytes(storage.join(target, MODEL_FILE), data)
+    storage.write_bytes(storage.join(target, CARD_FILE), json.dumps(card, indent=2).encode())
+    storage.write_bytes(storage.join(model_dir, LATEST), version.encode())
+    return target
+
+
+def resolve(model_uri: str) -> str:
+    """A model dir (follows `latest`) or a version dir -> the version dir."""
+    if storage.exists(storage.join(model_uri, CARD_FILE)):
+        return model_uri
+    latest = storage.join(model_uri, LATEST)
+    if storage.exists(latest):
+        return storage.join(model_uri, storage.read_bytes(latest).decode().strip())
+    raise ModelError(f"{model_uri}: no {CARD_FILE} and no '{LATEST}' pointer (not a model directory)")
+
+
+def read_card(model_uri: str) -> dict:
+    uri = storage.join(resolve(model_uri), CARD_FILE)
+    try:
+        card = json.loads(storage.read_bytes(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{uri}: model card is not valid JSON ({exc.__class__.__name__})") from None
+    missing = [k for k in ("version", "class_names", "model_sha256", "temperature", "alert_threshold") if k not in card]
+    if missing:
+        raise ModelError(f"{uri}: model card lacks {', '.join(missing)}")
+    return card
+
+
+def load(model_uri: str) -> LoadedModel:
+    """Verified load: checksum, Keras safe mode, classes against outputs."""
+    import keras
+
+    version_dir = resolve(model_uri)
+    card = read_card(version_dir)
+    model_uri_file = storage.join(version_dir, card.get("model_file", MODEL_FILE))
+    data = storage.read_bytes(model_uri_file)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card["model_sha256"]:
+        raise ModelError(f"{model_uri_file}: checksum mismatch (file {digest[:12]}…, card {card['model_sha256'][:12]}…): refusing a modified or truncated model")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, MODEL_FILE)
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{model_uri_file}: cannot be loaded safely: {reason[:300]}") from None
+    outputs = model.output_shape[-1]
+    if outputs != len(card["class_names"]):
+        raise ModelError(f"{version_dir}: the card names {len(card['class_names'])} classes but the model has {outputs} outputs")
+    return LoadedModel(model=model, card=card, uri=version_dir)
