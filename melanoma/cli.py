@@ -1,0 +1,133 @@
+"""`melanoma <command>`: argument parsing only; each command calls one function.
+
+Exit codes: 0 done, 1 failed (one line on stderr says what and where), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from melanoma.config import settings
+
+log = logging.getLogger("melanoma")
+
+
+def _audit(args) -> None:
+    from melanoma import dataset
+
+    report = dataset.audit_uri(args.data, args.ground_truth)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(
+        f"{report['files']} files, {report['unique_images']} unique images, {report['duplicate_groups']} duplicate groups, "
+        f"{report['conflicting_groups']} with conflicting labels"
+    )
+    for name, n in report["files_per_class"].items():
+        print(f"  {name:28s} {n}")
+    if "ground_truth" in report:
+        gt = report["ground_truth"]
+        print(f"ground truth covers {gt['files_with_ground_truth']} files; the folder disagrees for {gt['folder_disagrees']}")
+
+
+def _split(args) -> None:
+    from melanoma import dataset
+
+    manifest = dataset.make_split(args.data, args.out, args.val_fraction, args.seed, args.ground_truth)
+    counts = manifest.groupby("split").size().to_dict()
+    print(f"manifest: {len(manifest)} images ({counts.get('train', 0)} train, {counts.get('val', 0)} val) -> {args.out}")
+
+
+def _augment(args) -> None:
+    from melanoma import augment
+
+    samples = augment.augment_work_dir(args.work, args.seed, args.target_per_class, args.add_per_class)
+    print(f"augmented: {len(samples)} samples from the training split -> {args.work}/{augment.AUGMENTED_DIR}")
+
+
+def _train(args) -> None:
+    from melanoma import runtime, train
+
+    s = settings(
+        arch=args.arch, epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        batch_size=args.batch_size, seed=args.seed, learning_rate=args.learning_rate,
+    )
+    runtime.connect(args.address)
+    card = train.train(s, args.data, args.model_dir, args.storage, args.run_name)
+    m, c = card["metrics"], card["calibration"]
+    print(
+        f"model {card['version']}: balanced accuracy {m['balanced_accuracy']:.3f}, melanoma AUC {m['melanoma_auc']:.3f}, "
+        f"sensitivity {c['at_threshold']['sensitivity']:.2f} at threshold {c['alert_threshold']:.3f} -> {args.model_dir}"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="melanoma", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = settings()
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c.set_defaults(func=func)
+        return c
+
+    c = command("audit", _audit, "Hash a class-folder dataset and report duplicates and conflicting labels.")
+    c.add_argument("data", help="dataset root <root>/<class>/<image>: a local path or s3://bucket/prefix")
+    c.add_argument("--ground-truth", help="CSV image,label with ISIC 2019 codes (MEL, NV, ...)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    c = command("split", _split, "Build the manifest (one row per unique image) and a seeded, stratified train/val split.")
+    c.add_argument("data", help="dataset root, local or s3://")
+    c.add_argument("--out", required=True, help="work directory for manifest.parquet and audit.json, local or s3://")
+    c.add_argument("--ground-truth", help="resolve conflicting labels from this CSV (without it they are dropped)")
+    c.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    c.add_argument("--seed", type=int, default=d.seed)
+
+    c = command("augment", _augment, "Rebalance the training split with Augmentor samples (validation is never touched).")
+    c.add_argument("work", help="work directory holding manifest.parquet; samples go to <work>/augmented/")
+    group = c.add_mutually_exclusive_group()
+    group.add_argument("--target-per-class", type=int, help="grow every class to this many images (default: the largest class)")
+    group.add_argument("--add-per-class", type=int, help="add this many samples to every class (the seed notebook added 500)")
+    c.add_argument("--seed", type=int, default=d.seed)
+
+    c = command("train", _train, "Train on Ray Train, evaluate and calibrate on validation, publish to the model registry.")
+    c.add_argument("--data", required=True, help="work directory from `split` (and `augment`)")
+    c.add_argument("--model-dir", required=True, help="registry root: <model-dir>/<version>/, local or s3://")
+    c.add_argument("--arch", default=d.arch, choices=["default", "seed-cnn"])
+    c.add_argument("--epochs", type=int, default=d.epochs)
+    c.add_argument("--workers", type=int, default=d.workers)
+    c.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker)
+    c.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size, split over the workers")
+    c.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    c.add_argument("--seed", type=int, default=d.seed)
+    c.add_argument("--storage", help="Ray Train storage for checkpoints (default <model-dir>/_runs)")
+    c.add_argument("--run-name", help="rerunning with the same name resumes from its last checkpoint")
+    c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is a complete one-line explanation for the user (no traceback)."""
+    from melanoma.dataset import DatasetError
+    from melanoma.registry import ModelError
+    from melanoma.storage import StorageError
+
+    return (DatasetError, ModelError, StorageError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except _user_errors() as exc:
+        print(f"melanoma {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
