@@ -77,8 +77,8 @@ def read_ground_truth(uri: str) -> pd.Series:
     """ISIC 2019 ground truth as a Series image id -> code (MEL, NV, ...). Accepts the one-hot layout too."""
     try:
         gt = pd.read_csv(io.BytesIO(storage.read_bytes(uri)))
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{uri}: not a CSV file ({exc})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{uri}: not a CSV file ({str(exc).splitlines()[0]})") from None
     if "image" not in gt.columns:
         raise DatasetError(f"{uri}: ground truth needs an 'image' column, found {list(gt.columns)[:5]}")
     if "label" not in gt.columns:

@@ -73,7 +73,7 @@ def threshold_for_sensitivity(risk: np.ndarray, positive: np.ndarray, target: fl
     pos = np.sort(risk[positive])[::-1]
     if len(pos) == 0:
         raise ValueError("no positive examples to set an alert threshold on")
-    k = max(int(math.ceil(target * len(pos))), 1)
+    k = max(int(math.ceil(round(target * len(pos), 9))), 1)  # round: 0.55 * 100 is 55.00000000000001
     return float(pos[k - 1])
 
 

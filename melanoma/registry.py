@@ -71,6 +71,8 @@ def read_card(model_uri: str) -> dict:
         card = json.loads(storage.read_bytes(uri))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{uri}: model card is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{uri}: model card is not a JSON object")
     missing = [k for k in ("version", "class_names", "model_sha256", "temperature", "alert_threshold") if k not in card]
     if missing:
         raise ModelError(f"{uri}: model card lacks {', '.join(missing)}")
