@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from datetime import date, datetime, timedelta, timezone
 
 from melanoma.config import settings
 
@@ -64,6 +65,66 @@ def _train(args) -> None:
     )
 
 
+def _print_summary(summary: dict) -> None:
+    print(
+        f"scored {summary['scored']} images, {summary['errors']} errors, {summary['flagged']} flagged "
+        f"({summary['scored_this_run']} new, {summary['images_per_second']} img/s) with model {summary['model_version']} "
+        f"-> {summary['output_uri']}"
+    )
+
+
+def _score_settings(args):
+    return settings(
+        score_batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        model_uri=getattr(args, "model", None), archive_uri=getattr(args, "archive", None),
+        scores_uri=getattr(args, "output", None),
+    )
+
+
+def _iso_date(text: str) -> str:
+    if text == "yesterday":
+        return (datetime.now(timezone.utc).date() - timedelta(days=1)).isoformat()
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a date YYYY-MM-DD") from None
+
+
+def _score(args) -> None:
+    from melanoma import runtime, score
+
+    runtime.connect(args.address)
+    _print_summary(score.score(_score_settings(args), args.model, args.input, args.output, args.run_date))
+
+
+def _nightly(args) -> None:
+    from melanoma import runtime, score
+
+    runtime.connect(args.address)
+    _print_summary(score.nightly(_score_settings(args), args.date))
+
+
+def _demo(args) -> None:
+    import pyarrow.dataset as pads
+
+    from melanoma import demo
+
+    summary = demo.run(args.data, args.archive_source, args.epochs, args.archive_images)
+    local = summary["local_scores"]
+    riskiest = (
+        pads.dataset(local, format="parquet", partitioning="hive")
+        .to_table(columns=["image_id", "melanoma_risk", "flagged", "predicted_class"], filter=pads.field("error").is_null())
+        .sort_by([("melanoma_risk", "descending")])
+        .slice(0, 10)
+    )
+    print("\nThe ten riskiest images of the night:")
+    for row in riskiest.to_pylist():
+        print(f"  {row['image_id']:16s} risk {row['melanoma_risk']:.3f} {'FLAGGED' if row['flagged'] else '       '} {row['predicted_class']}")
+    print(f"\nScores: {summary['output_uri']} (S3 data in .demo/seaweedfs) and a local copy in {local}")
+    print(f"Query them: melanoma query {local} --top 10   or   melanoma query {local} --sql \"SELECT ... FROM scores\"")
+    _print_summary(summary)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="melanoma", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +167,32 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--storage", help="Ray Train storage for checkpoints (default <model-dir>/_runs)")
     c.add_argument("--run-name", help="rerunning with the same name resumes from its last checkpoint")
     c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+    def scoring_flags(c):
+        c.add_argument("--batch-size", type=int, default=d.score_batch_size)
+        c.add_argument("--actors", type=int, default=d.actors, help="inference actors (each loads the model once)")
+        c.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
+        c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+    c = command("score", _score, "Score every image under an archive prefix into a Hive-partitioned Parquet dataset.")
+    c.add_argument("--model", required=True, help="model dir (follows 'latest') or version dir, local or s3://")
+    c.add_argument("--input", required=True, help="prefix of images (jpg/png, any nesting) or tar shards, local or s3://")
+    c.add_argument("--output", required=True, help="scores dataset root; rows go to <output>/run_date=D/")
+    c.add_argument("--run-date", type=_iso_date, help="partition date YYYY-MM-DD (default: today)")
+    scoring_flags(c)
+
+    c = command("nightly", _nightly, "Score one night's archive prefix <archive>/<date>/ into <scores>/run_date=<date>/.")
+    c.add_argument("--date", required=True, type=_iso_date, help="YYYY-MM-DD or 'yesterday' (UTC)")
+    c.add_argument("--model", default=d.model_uri, help="model dir (follows 'latest') or version dir")
+    c.add_argument("--archive", default=d.archive_uri, help="archive root; the night's images are under <archive>/<date>/")
+    c.add_argument("--output", default=d.scores_uri, help="scores dataset root")
+    scoring_flags(c)
+
+    c = command("demo", _demo, "Run the whole flow locally: SeaweedFS + Ray, audit, split, augment, train, nightly score.")
+    c.add_argument("--data", help="class-folder training set, local or s3:// (default: ../shared/data/isic-9class/Train)")
+    c.add_argument("--archive-source", help="local folder of images to upload as tonight's archive (default: HAM10000)")
+    c.add_argument("--archive-images", type=int, default=200, help="how many archive images to upload")
+    c.add_argument("--epochs", type=int, default=3, help="training epochs (the demo trains briefly)")
     return p
 
 

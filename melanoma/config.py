@@ -58,13 +58,21 @@ class Settings:
     workers: int = 2
     gpus_per_worker: float = 0.0
     patience: int = 5
+    # Recipe knobs (docs/quality.md): "constant" or "cosine" (one warm-up epoch, then cosine decay to 1%
+    # of learning_rate over `epochs`); label smoothing of the training loss; cap on the balanced class
+    # weights (0 = no cap; without Augmentor a 1-image class would otherwise get a weight in the hundreds);
+    # TensorFlow threads per training worker (0 = the machine's cores divided by the workers).
+    lr_schedule: str = "constant"
+    label_smoothing: float = 0.0
+    class_weight_cap: float = 0.0
+    threads_per_worker: int = 0
     target_sensitivity: float = 0.90
     # Scoring
     score_batch_size: int = 64
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    rows_per_file: int = 5000
+    rows_per_file: int = 5000  # at most; a killed run loses at most one unwritten file per write task
     max_image_pixels: int = 64_000_000  # larger declared sizes are refused as decompression bombs
     max_decoded_side: int = 1024  # larger images are downscaled on decode to bound memory
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from datetime import date, datetime, timezone
 
 import numpy as np
@@ -110,7 +109,10 @@ class Scorer:
     def __call__(self, batch: dict) -> pa.Table:
         card = self.loaded.card
         n = len(batch["image_uri"])
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        # A column that is all None in a batch can come back from Arrow as floats (NaN): normalise.
+        errors = [e if isinstance(e, str) else None for e in batch["error"]]
+        digests = [d if isinstance(d, str) else None for d in batch["sha256"]]
+        ok = np.array([e is None for e in errors], dtype=bool)
         probs = np.full((n, len(self.classes)), np.nan)
         if ok.any():
             raw = self.loaded.model.predict_on_batch(batch["image"][ok].astype(np.float32))
@@ -120,14 +122,14 @@ class Scorer:
         columns = [
             batch["image_id"],
             batch["image_uri"],
-            batch["sha256"],
+            digests,
             pa.array(risk, mask=~ok),
             pa.array(risk >= card["alert_threshold"], mask=~ok),
             predicted,
             *[pa.array(probs[:, k], mask=~ok) for k in range(len(self.classes))],
             [card["version"]] * n,
             [datetime.now(timezone.utc)] * n,
-            batch["error"],
+            errors,
         ]
         return pa.Table.from_arrays(
             [pa.array(c, type=f.type) if not isinstance(c, pa.Array) else c for c, f in zip(columns, self.schema)],
@@ -157,10 +159,13 @@ def _promote(output_uri: str, run_date: str) -> int:
     return len(files)
 
 
-def _summarize(output_uri: str, run_date: str, listed: int, skipped: int, new_rows: int, seconds: float, model_version: str) -> dict:
+def _summarize(output_uri: str, run_date: str, listed: int, skipped: int, started: datetime, model_version: str) -> dict:
+    """Counts read back from the partition itself; rows scored before `started` came from an earlier run."""
     fs, path = storage.pyarrow_fs(partition(output_uri, run_date))
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_uri", "flagged", "error"])
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_uri", "flagged", "error", "scored_at"])
     uris = table.column("image_uri").to_pylist()
+    new_rows = sum(1 for t in table.column("scored_at").to_pylist() if t >= started)
+    seconds = (datetime.now(timezone.utc) - started).total_seconds()
     errors = len(uris) - table.column("error").null_count
     return {
         "run_date": run_date,
@@ -181,9 +186,12 @@ def _summarize(output_uri: str, run_date: str, listed: int, skipped: int, new_ro
 
 def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date: str | None = None) -> dict:
     """Scores every image under input_uri into output_uri/run_date=D/; returns the run summary."""
-    started = time.time()
-    run_date = run_date or date.today().isoformat()
-    date.fromisoformat(run_date)
+    started = datetime.now(timezone.utc)
+    run_date = run_date or datetime.now(timezone.utc).date().isoformat()
+    try:
+        date.fromisoformat(run_date)
+    except ValueError:
+        raise ValueError(f"run date '{run_date}' is not YYYY-MM-DD") from None
     storage.check_writable(output_uri)
     card = registry.load(model_uri).card  # refuse a bad model before any work
     inputs, skipped = archive.list_inputs(input_uri)
@@ -195,8 +203,7 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
         _run_pipeline(s, model_uri, todo, output_uri, run_date)
     promoted = _promote(output_uri, run_date)
     storage.delete_dir(_internal(output_uri, "checkpoints", run_date))
-    seconds = time.time() - started
-    summary = _summarize(output_uri, run_date, len(inputs), skipped, len(todo), seconds, card["version"]) | {
+    summary = _summarize(output_uri, run_date, len(inputs), skipped, started, card["version"]) | {
         "input_uri": input_uri,
         "output_uri": partition(output_uri, run_date),
         "files_written": promoted,
@@ -206,12 +213,8 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
 
 
 def _run_pipeline(s: Settings, model_uri: str, todo: pd.DataFrame, output_uri: str, run_date: str) -> None:
-    # Several input files, so that every actor gets blocks from the first minute on.
-    inputs_uri = _internal(output_uri, "inputs", run_date)
-    storage.delete_dir(inputs_uri)
-    chunk = min(max(-(-len(todo) // (4 * s.actors)), s.score_batch_size), 1000)
-    for start in range(0, len(todo), chunk):
-        storage.write_parquet(storage.join(inputs_uri, f"inputs-{start // chunk:05d}.parquet"), todo.iloc[start : start + chunk])
+    inputs_uri = storage.join(_internal(output_uri, "inputs", run_date), "inputs.parquet")
+    storage.write_parquet(inputs_uri, todo)
     fs, inputs_path = storage.pyarrow_fs(inputs_uri)
     _, staging = storage.pyarrow_fs(_internal(output_uri, "staging", run_date))
     ctx = DataContext.get_current()
@@ -225,6 +228,8 @@ def _run_pipeline(s: Settings, model_uri: str, todo: pd.DataFrame, output_uri: s
         threads = max(int(s.cpus_per_actor), 1)
         (
             ray.data.read_parquet(inputs_path, filesystem=fs)
+            # Small blocks stream through the actors and reach the writer (and the checkpoint) one by one.
+            .repartition(target_num_rows_per_block=4 * s.score_batch_size)
             .map_batches(
                 prepare,
                 batch_format="pandas",
@@ -240,7 +245,12 @@ def _run_pipeline(s: Settings, model_uri: str, todo: pd.DataFrame, output_uri: s
                 batch_size=s.score_batch_size,
                 batch_format="numpy",
             )
-            .write_parquet(staging, filesystem=fs, min_rows_per_file=s.rows_per_file)
+            .write_parquet(staging, filesystem=fs, max_rows_per_file=s.rows_per_file)
         )
     finally:
         ctx.checkpoint_config = None
+
+
+def nightly(s: Settings, run_date: str) -> dict:
+    """Scores <archive>/<date>/ into <scores>/run_date=<date>/ with the model the settings name."""
+    return score(s, s.model_uri, storage.join(s.archive_uri, run_date), s.scores_uri, run_date)
