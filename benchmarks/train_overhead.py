@@ -64,11 +64,11 @@ def main() -> None:
         tmp = Path(tmp)
         dataset.make_split(str(subset(Path(args.data), args.per_class, tmp / "data")), str(tmp / "work"), 0.2, s.seed)
         n_train = len(train.training_tables(str(tmp / "work"))[0])
+        plain_epochs = plain_fit(str(tmp / "work"), s, args.epochs)  # first: TF threads are set before TF starts
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         card = train.train(s, str(tmp / "work"), str(tmp / "models"))
         ray.shutdown()
         ray_epochs = [h["train_seconds"] for h in card["history"]]
-        plain_epochs = plain_fit(str(tmp / "work"), s, args.epochs)
     ray_mean, plain_mean = np.mean(ray_epochs[1:]), np.mean(plain_epochs[1:])
     print(f"train images: {n_train}, arch {s.arch}, batch {s.batch_size}, epochs {args.epochs}")
     print(f"ray train, 2 workers x 1 CPU : {ray_mean:.1f} s/epoch  (all: {', '.join(f'{t:.1f}' for t in ray_epochs)})")

@@ -105,24 +105,48 @@ def _nightly(args) -> None:
 
 
 def _demo(args) -> None:
-    import pyarrow.dataset as pads
-
-    from melanoma import demo
+    from melanoma import demo, query
 
     summary = demo.run(args.data, args.archive_source, args.epochs, args.archive_images)
     local = summary["local_scores"]
-    riskiest = (
-        pads.dataset(local, format="parquet", partitioning="hive")
-        .to_table(columns=["image_id", "melanoma_risk", "flagged", "predicted_class"], filter=pads.field("error").is_null())
-        .sort_by([("melanoma_risk", "descending")])
-        .slice(0, 10)
+    riskiest = query.query(local, date=summary["run_date"], top=10).select(
+        ["image_id", "melanoma_risk", "flagged", "predicted_class"]
     )
     print("\nThe ten riskiest images of the night:")
-    for row in riskiest.to_pylist():
-        print(f"  {row['image_id']:16s} risk {row['melanoma_risk']:.3f} {'FLAGGED' if row['flagged'] else '       '} {row['predicted_class']}")
+    print(query.format_table(riskiest, "table"))
     print(f"\nScores: {summary['output_uri']} (S3 data in .demo/seaweedfs) and a local copy in {local}")
     print(f"Query them: melanoma query {local} --top 10   or   melanoma query {local} --sql \"SELECT ... FROM scores\"")
     _print_summary(summary)
+
+
+def _query(args) -> None:
+    from melanoma import query
+
+    filters = (args.date, args.since, args.until, args.flagged, args.min_risk, args.cls, args.top, args.errors)
+    if args.sql and any(f not in (None, False) for f in filters):
+        raise query.QueryError("--sql takes no filter flags: put the conditions into the SQL")
+    if args.sql:
+        table = query.sql(args.scores, args.sql)
+    else:
+        table = query.query(
+            args.scores, date=args.date, since=args.since, until=args.until, flagged=args.flagged,
+            min_risk=args.min_risk, cls=args.cls, top=args.top, errors=args.errors,
+        )
+    print(query.format_table(table, args.format))
+
+
+def _report(args) -> None:
+    from melanoma import query, report
+
+    if args.scores and args.date:
+        r = report.morning_report(args.scores, args.date, args.out, args.model, top=args.top, heatmaps=args.heatmaps)
+        print(f"report of {r['run_date']}: {r['flagged']} flagged ({r['shown']} shown, {r['heatmaps']} heatmaps), "
+              f"{r['errors']} errors -> {r['path']}")
+    elif not args.scores and not args.date and args.model:
+        r = report.model_card_report(args.model, args.out)
+        print(f"model card of {r['version']} -> {r['path']}")
+    else:
+        raise query.QueryError("give SCORES_URI --date D for a night's report, or only --model URI for a model card")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -188,6 +212,27 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default=d.scores_uri, help="scores dataset root")
     scoring_flags(c)
 
+    c = command("query", _query, "Ask the scores dataset: riskiest images, flagged, errors, or any SQL over the view `scores`.")
+    c.add_argument("scores", metavar="SCORES_URI", help="scores dataset root (<scores>/run_date=D/), local or s3://")
+    c.add_argument("--date", type=_iso_date, help="one night, YYYY-MM-DD or 'yesterday'")
+    c.add_argument("--since", type=_iso_date, help="first night of a range")
+    c.add_argument("--until", type=_iso_date, help="last night of a range")
+    c.add_argument("--flagged", action="store_true", help="only images at or above the alert threshold")
+    c.add_argument("--min-risk", type=float, help="only images with at least this melanoma risk")
+    c.add_argument("--class", dest="cls", help="only images of this predicted class, e.g. 'melanoma'")
+    c.add_argument("--errors", action="store_true", help="only images that could not be scored, with the reason")
+    c.add_argument("--top", type=int, help="at most N rows, riskiest first")
+    c.add_argument("--sql", help="one SQL statement over the view `scores` (recipes: melanoma.query.RECIPES)")
+    c.add_argument("--format", default="table", choices=["table", "csv", "json"])
+
+    c = command("report", _report, "Write one self-contained HTML file: a night's report for the dermatologist, or a model card.")
+    c.add_argument("scores", metavar="SCORES_URI", nargs="?", help="scores dataset root (omit for a model card)")
+    c.add_argument("--date", type=_iso_date, help="the night, YYYY-MM-DD or 'yesterday'")
+    c.add_argument("--out", required=True, help="the HTML file to write, local or s3://")
+    c.add_argument("--model", help="model version dir: heatmaps and threshold in a night's report; alone, its model card")
+    c.add_argument("--top", type=int, default=100, help="at most N flagged lesions, riskiest first")
+    c.add_argument("--heatmaps", type=int, default=5, help="Grad-CAM heatmaps for the N riskiest (needs --model)")
+
     c = command("demo", _demo, "Run the whole flow locally: SeaweedFS + Ray, audit, split, augment, train, nightly score.")
     c.add_argument("--data", help="class-folder training set, local or s3:// (default: ../shared/data/isic-9class/Train)")
     c.add_argument("--archive-source", help="local folder of images to upload as tonight's archive (default: HAM10000)")
@@ -199,10 +244,11 @@ def parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is a complete one-line explanation for the user (no traceback)."""
     from melanoma.dataset import DatasetError
+    from melanoma.query import QueryError
     from melanoma.registry import ModelError
     from melanoma.storage import StorageError
 
-    return (DatasetError, ModelError, StorageError)
+    return (DatasetError, ModelError, QueryError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,7 +193,8 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
     except ValueError:
         raise ValueError(f"run date '{run_date}' is not YYYY-MM-DD") from None
     storage.check_writable(output_uri)
-    card = registry.load(model_uri).card  # refuse a bad model before any work
+    loaded = registry.load(model_uri)  # refuse a bad model before any work
+    card = loaded.card
     inputs, skipped = archive.list_inputs(input_uri)
     if inputs.empty:
         raise storage.StorageError(f"{input_uri}: no images ({', '.join(IMAGE_SUFFIXES)}) or tar shards found")
@@ -205,6 +206,7 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
     storage.delete_dir(_internal(output_uri, "checkpoints", run_date))
     summary = _summarize(output_uri, run_date, len(inputs), skipped, started, card["version"]) | {
         "input_uri": input_uri,
+        "model_uri": loaded.uri,
         "output_uri": partition(output_uri, run_date),
         "files_written": promoted,
     }

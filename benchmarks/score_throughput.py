@@ -1,0 +1,161 @@
+"""Scoring throughput and memory on the real HAM10000 archive (10,015 JPEGs, 200x150).
+
+    python benchmarks/score_throughput.py [--images ../shared/data/ham10000/images] [--actors 2] [--repeat 4]
+
+(a) a plain single-process loop over the local files: read, decode, resize, `predict_on_batch`;
+(b) `melanoma score` from a local SeaweedFS S3 server on a local Ray, the whole job (listing, start-up,
+    writing) timed end to end.
+Prints images/s of each and the ratio b/a (target >= 0.9), then the peak memory (PSS, summed over the
+driver and every Ray process it started) of the scoring job on the archive once (10k) and `--repeat`
+times under other keys (40k); streaming means the two should be within 1.1x.
+
+The model is the default architecture, untrained: throughput does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def publish_untrained(model_dir: str) -> None:
+    from melanoma import model, registry
+    from melanoma.config import CLASS_NAMES, settings
+
+    s = settings()
+    net = model.build("default", len(CLASS_NAMES), s.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        net.save(path)
+        card = {"version": "bench-untrained", "arch": "default", "class_names": list(CLASS_NAMES),
+                "positive_class": "melanoma", "input_size": [s.image_size, s.image_size, 3],
+                "temperature": 1.0, "alert_threshold": 0.5}
+        registry.publish(model_dir, path, card)
+
+
+def upload(files: list[Path], prefix: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from melanoma import storage
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda f: storage.write_bytes(f"{prefix}/{f.name}", f.read_bytes()), files))
+
+
+def plain_loop(files: list[Path], model_dir: str, batch: int) -> float:
+    import tensorflow as tf
+
+    from melanoma import images, registry
+    from melanoma.config import settings
+
+    tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count())
+    s = settings()
+    net = registry.load(model_dir).model
+    started = time.time()
+    for i in range(0, len(files), batch):
+        pixels = [images.resize(images.decode(f.read_bytes(), s.max_image_pixels, s.max_decoded_side), s.image_size) for f in files[i : i + batch]]
+        net.predict_on_batch(np.stack(pixels).astype(np.float32))
+    return len(files) / (time.time() - started)
+
+
+def process_tree_pss(root: int) -> int:
+    """PSS in bytes of `root` and all its descendants (PSS splits shared pages, so the object store counts once)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class PeakMemory:
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, process_tree_pss(os.getpid()))
+            time.sleep(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared/data/ham10000/images"))
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    from melanoma import score, storage
+    from melanoma.config import settings
+    from melanoma.services import SeaweedServer
+
+    files = sorted(Path(args.images).glob("*.jpg"))
+    files = files[: args.limit] if args.limit else files
+    with tempfile.TemporaryDirectory() as tmp, SeaweedServer(Path(tmp) / "s3") as server:
+        os.environ.update(server.env())
+        bucket = server.make_bucket("bench")
+        model_dir = f"{bucket}/models"
+        publish_untrained(model_dir)
+        for copy in range(args.repeat):
+            upload(files, f"{bucket}/archive/copy-{copy}")
+        print(f"{len(files)} images uploaded {args.repeat} times under other keys")
+
+        plain = plain_loop(files, model_dir, args.batch_size)
+        print(f"(a) plain loop, local files, 1 process : {plain:7.1f} img/s")
+
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        s = settings(actors=args.actors, score_batch_size=args.batch_size)
+        results = {}
+        for label, prefix in (("10k", f"{bucket}/archive/copy-0"), (f"{len(files) * args.repeat // 1000}k", f"{bucket}/archive")):
+            with PeakMemory() as memory:
+                started = time.time()
+                summary = score.score(s, model_dir, prefix, f"{bucket}/scores-{label}", "2026-11-25")
+                seconds = time.time() - started
+            results[label] = (summary["rows"], summary["rows"] / seconds, memory.peak)
+        ray.shutdown()
+    rows, rate, _ = results["10k"]
+    print(f"(b) melanoma score from S3, {args.actors} actors  : {rate:7.1f} img/s ({rows} rows, whole job)")
+    print(f"ratio b/a: {rate / plain:.2f} (target >= 0.9)")
+    for label, (rows, rate, peak) in results.items():
+        print(f"peak memory, {rows} images: {peak / 2**30:.2f} GiB ({rate:.1f} img/s)")
+    (small, large) = (results[k][2] for k in results)
+    print(f"memory ratio large/small: {large / small:.2f} (target <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Questions to the scores dataset `<scores>/run_date=YYYY-MM-DD/*.parquet`, local or s3://.
+
+Everything goes through DuckDB over the view `scores`: the Parquet files plus the Hive partition column
+`run_date` (a DATE). Only the nights asked for are read: query() points the view at their directories, and in SQL
+a condition on run_date makes DuckDB skip the other nights' files (binding the view reads one file footer, for
+the schema). For s3:// the filesystem of storage.fsspec_fs is registered with DuckDB: its httpfs extension would
+be downloaded at run time, and no extension is ever loaded here. Results are Arrow tables, never pandas frames.
+
+RECIPES holds the SQL for the everyday questions (`melanoma query SCORES --sql "..."`; the table is `scores`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+
+from melanoma import storage
+from melanoma.config import CLASS_NAMES
+
+FORMATS = ("table", "csv", "json")
+PARTITION = "run_date="
+
+# Fill in the {placeholders} with str.format.
+RECIPES = {
+    "riskiest": (
+        "SELECT image_id, melanoma_risk, predicted_class, image_uri FROM scores "
+        "WHERE run_date = '{date}' AND error IS NULL ORDER BY melanoma_risk DESC LIMIT {n}"
+    ),
+    "flagged_per_night": (
+        "SELECT run_date, count(*) FILTER (WHERE flagged) AS flagged, count(*) AS images FROM scores "
+        "GROUP BY run_date ORDER BY run_date"
+    ),
+    "errors": "SELECT run_date, image_uri, error FROM scores WHERE error IS NOT NULL ORDER BY run_date, image_uri",
+    "class_distribution": (
+        "SELECT predicted_class, count(*) AS images FROM scores WHERE error IS NULL "
+        "GROUP BY predicted_class ORDER BY images DESC, predicted_class"
+    ),
+    # The same image bytes scored by two model versions (on any nights), biggest disagreement first.
+    "two_models": (
+        "SELECT a.image_id, a.sha256, a.melanoma_risk AS risk_a, b.melanoma_risk AS risk_b, "
+        "a.flagged AS flagged_a, b.flagged AS flagged_b, a.predicted_class AS class_a, b.predicted_class AS class_b, "
+        "a.run_date AS run_date_a, b.run_date AS run_date_b "
+        "FROM scores a JOIN scores b ON a.sha256 = b.sha256 "
+        "WHERE a.model_version = '{version_a}' AND b.model_version = '{version_b}' AND a.error IS NULL AND b.error IS NULL "
+        "ORDER BY abs(a.melanoma_risk - b.melanoma_risk) DESC, a.image_id"
+    ),
+}
+
+
+class QueryError(Exception):
+    """A one-line, user-facing reason why a question cannot be answered."""
+
+
+def dates(scores_uri: str) -> list[str]:
+    """The nights present (names of run_date=D directories), oldest first; a listing, no file is read."""
+    if storage.info(scores_uri).type != pafs.FileType.Directory:
+        raise QueryError(f"{scores_uri}: no scores dataset there (no such directory or prefix)")
+    fs, path = storage.pyarrow_fs(scores_uri)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path))
+    except OSError as exc:
+        raise QueryError(f"{scores_uri}: cannot list the dataset: {str(exc).strip().splitlines()[0]}") from None
+    nights = [e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith(PARTITION)]
+    found = sorted(name[len(PARTITION) :] for name in nights)
+    if not found:
+        raise QueryError(f"{scores_uri}: no partitions (no {PARTITION}YYYY-MM-DD directories): not a scores dataset yet")
+    return found
+
+
+def connect(scores_uri: str, nights: list[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the view `scores` over the given nights (default: every night)."""
+    if nights is None:
+        dates(scores_uri)  # a clear error for a missing dataset or one without partitions
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con.execute("SET TimeZone = 'UTC'")
+    if storage.is_s3(scores_uri):
+        fs, path = storage.fsspec_fs(scores_uri)
+        con.register_filesystem(fs)
+        root = f"s3://{path}"
+    else:
+        root = storage.fsspec_fs(scores_uri)[1]
+    globs = [f"{root}/{PARTITION}{night}/*.parquet" for night in (nights or ["*"])]
+    files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)
+    try:
+        con.execute(
+            "CREATE VIEW scores AS SELECT * FROM "
+            f"read_parquet([{files}], hive_partitioning = true, hive_types = {{'run_date': DATE}})"
+        )
+    except duckdb.Error as exc:
+        con.close()
+        raise QueryError(f"{scores_uri}: {_first_line(exc)}") from None
+    return con
+
+
+def sql(scores_uri: str, statement: str) -> pa.Table:
+    """Runs one SQL statement against the view `scores` (RECIPES has the everyday questions)."""
+    con = connect(scores_uri)
+    try:
+        return _run(con, statement)
+    finally:
+        con.close()
+
+
+def query(
+    scores_uri: str,
+    date: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    flagged: bool = False,
+    min_risk: float | None = None,
+    cls: str | None = None,
+    top: int | None = None,
+    errors: bool = False,
+) -> pa.Table:
+    """Rows of the dataset, riskiest first; every argument narrows them (errors=True: only rows that failed)."""
+    if date and (since or until):
+        raise QueryError("give either a date or a since/until range, not both")
+    if cls is not None and cls not in CLASS_NAMES:
+        raise QueryError(f"unknown class '{cls}' (one of: {', '.join(CLASS_NAMES)})")
+    if top is not None and top < 1:
+        raise QueryError(f"top must be at least 1, got {top}")
+    date, since, until = (iso_date(d) for d in (date, since, until))
+    present = dates(scores_uri)
+    if date and date not in present:
+        raise QueryError(f"{scores_uri}: no partition {PARTITION}{date} (nights present: {_span(present)})")
+    nights = [d for d in present if (not since or d >= since) and (not until or d <= until) and (not date or d == date)]
+    if not nights:
+        span = f"between {since or 'the first'} and {until or 'the last'}"
+        raise QueryError(f"{scores_uri}: no night {span} (nights present: {_span(present)})")
+    conditions, params = [], []
+    if flagged:
+        conditions.append("flagged")
+    if errors:
+        conditions.append("error IS NOT NULL")
+    if min_risk is not None:
+        conditions.append("melanoma_risk >= ?")
+        params.append(float(min_risk))
+    if cls is not None:
+        conditions.append("predicted_class = ?")
+        params.append(cls)
+    statement = "SELECT * FROM scores"
+    if conditions:
+        statement += " WHERE " + " AND ".join(conditions)
+    statement += " ORDER BY melanoma_risk DESC NULLS LAST, run_date, image_uri"
+    if top is not None:
+        statement += f" LIMIT {int(top)}"
+    con = connect(scores_uri, nights if (date or since or until) else None)
+    try:
+        return _run(con, statement, params)
+    finally:
+        con.close()
+
+
+def iso_date(text: str | None) -> str | None:
+    """YYYY-MM-DD, checked (None stays None): only such strings are put into SQL text."""
+    if text is None:
+        return None
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise QueryError(f"'{text}' is not a date YYYY-MM-DD") from None
+
+
+def _run(con: duckdb.DuckDBPyConnection, statement: str, params: list | None = None) -> pa.Table:
+    try:
+        return con.sql(statement, params=params or None).to_arrow_table()
+    except duckdb.Error as exc:
+        raise QueryError(_first_line(exc)) from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _span(nights: list[str]) -> str:
+    return nights[0] if len(nights) == 1 else f"{nights[0]} .. {nights[-1]}, {len(nights)} in all"
+
+
+def format_table(table: pa.Table, fmt: str = "table") -> str:
+    """table: aligned text for a terminal; csv: with a header row; json: one array of objects."""
+    if fmt == "csv":
+        sink = io.BytesIO()
+        pacsv.write_csv(table, sink)
+        return sink.getvalue().decode().rstrip("\n")
+    if fmt == "json":
+        return json.dumps(table.to_pylist(), default=_json_value, indent=1)
+    if fmt != "table":
+        raise QueryError(f"unknown format '{fmt}' (one of: {', '.join(FORMATS)})")
+    header = table.column_names  # may repeat a name (SELECT a.*, b.* ...), so work by column position
+    columns = [[_cell(v) for v in column.to_pylist()] for column in table.columns]
+    widths = [max([len(h), *map(len, cells)]) for h, cells in zip(header, columns)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in zip(*columns)]
+    lines.append(f"({table.num_rows} rows)")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dt.datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def _json_value(value):
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
