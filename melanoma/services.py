@@ -333,13 +333,14 @@ class RayNode:
         self._reap(10)
         wait_until(lambda: not self.pids(), 20, f"Ray node {self.temp_dir} processes to die after SIGKILL")
 
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM makes `ray start --block` drain and stop its processes; SIGKILL whatever is left."""
+    def stop(self, timeout: float = 8) -> None:
+        """SIGTERM makes `ray start --block` drain and stop its processes; SIGKILL whatever is left
+        (after a Ray Data job it can ignore SIGTERM for half a minute)."""
         if self.alive():
             self._proc.terminate()
             self._reap(timeout)
         try:
-            wait_until(lambda: not self.pids(), 10, "Ray processes to exit after SIGTERM")
+            wait_until(lambda: not self.pids(), 5, "Ray processes to exit after SIGTERM")
         except TimeoutError:
             self.kill()
 
