@@ -13,8 +13,6 @@ from datetime import date, datetime, timedelta, timezone
 
 from melanoma.config import settings
 
-log = logging.getLogger("melanoma")
-
 
 def _audit(args) -> None:
     from melanoma import dataset
@@ -59,9 +57,11 @@ def _train(args) -> None:
     runtime.connect(args.address)
     card = train.train(s, args.data, args.model_dir, args.storage, args.run_name)
     m, c = card["metrics"], card["calibration"]
+    held_out = c["held_out"]
     print(
         f"model {card['version']}: balanced accuracy {m['balanced_accuracy']:.3f}, melanoma AUC {m['melanoma_auc']:.3f}, "
-        f"sensitivity {c['at_threshold']['sensitivity']:.2f} at threshold {c['alert_threshold']:.3f} -> {args.model_dir}"
+        f"alert threshold {c['alert_threshold']:.3f} (held-out sensitivity {held_out['sensitivity']:.2f}, "
+        f"specificity {held_out['specificity']:.2f}, ECE {held_out['ece']:.3f}) -> {args.model_dir}"
     )
 
 
@@ -149,6 +149,14 @@ def _report(args) -> None:
         raise query.QueryError("give SCORES_URI --date D for a night's report, or only --model URI for a model card")
 
 
+def _submit(args) -> int:
+    from melanoma import submit
+
+    return submit.submit(
+        args.job, args.job_args, args.address, args.date, args.working_dir, wait=not args.no_wait, timeout=args.timeout
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="melanoma", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,6 +241,20 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--top", type=int, default=100, help="at most N flagged lesions, riskiest first")
     c.add_argument("--heatmaps", type=int, default=5, help="Grad-CAM heatmaps for the N riskiest (needs --model)")
 
+    c = command("submit", _submit, "Run jobs/train.py or jobs/nightly_score.py on a Ray cluster (Jobs API); one run per job and date at a time.")
+    jobs = c.add_subparsers(dest="job", required=True, metavar="{train,nightly}")
+    for job, what, date_help in (
+        ("train", "jobs/train.py: train, evaluate, calibrate, publish", "names the submission melanoma-train-<date> (default: today, UTC)"),
+        ("nightly", "jobs/nightly_score.py: score one night", "YYYY-MM-DD or 'yesterday' (UTC): the night, passed to the job as --date"),
+    ):
+        j = jobs.add_parser(job, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        j.add_argument("--address", help="job API URL http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else http://127.0.0.1:8265)")
+        j.add_argument("--date", help=date_help)
+        j.add_argument("--no-wait", action="store_true", help="exit 0 once submitted instead of following the job to its end")
+        j.add_argument("--timeout", type=float, help="stop waiting after this many seconds (exit 1; the job keeps running)")
+        j.add_argument("--working-dir", default=".", help="checkout uploaded as the job's working_dir (holds jobs/)")
+        j.add_argument("job_args", nargs="*", help="the job's own flags, after --: melanoma submit nightly --date D -- --model s3://...")
+
     c = command("demo", _demo, "Run the whole flow locally: SeaweedFS + Ray, audit, split, augment, train, nightly score.")
     c.add_argument("--data", help="class-folder training set, local or s3:// (default: ../shared/data/isic-9class/Train)")
     c.add_argument("--archive-source", help="local folder of images to upload as tonight's archive (default: HAM10000)")
@@ -255,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except _user_errors() as exc:
         print(f"melanoma {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
