@@ -11,7 +11,7 @@ import logging
 import sys
 from datetime import date, datetime, timedelta, timezone
 
-from melanoma.config import settings
+from melanoma.config import ARCHS, settings
 
 
 def _audit(args) -> None:
@@ -189,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     c = command("train", _train, "Train on Ray Train, evaluate and calibrate on validation, publish to the model registry.")
     c.add_argument("--data", required=True, help="work directory from `split` (and `augment`)")
     c.add_argument("--model-dir", required=True, help="registry root: <model-dir>/<version>/, local or s3://")
-    c.add_argument("--arch", default=d.arch, choices=["default", "seed-cnn"])
+    c.add_argument("--arch", default=d.arch, choices=ARCHS, help="'default' is the best measured recipe (docs/quality.md)")
     c.add_argument("--epochs", type=int, default=d.epochs)
     c.add_argument("--workers", type=int, default=d.workers)
     c.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker)

@@ -36,6 +36,10 @@ GROUND_TRUTH_CODES: dict[str, tuple[str, ...]] = {
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
+# Architectures in melanoma/model.py; "default" names the best measured recipe (docs/quality.md).
+DEFAULT_ARCH = "residual-sep-v2"
+ARCHS = ("default", "seed-cnn", "residual-sep", "residual-sep-v2")
+
 
 def snake_case(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
@@ -48,7 +52,8 @@ class Settings:
     archive_uri: str = "s3://melanoma/archive"
     scores_uri: str = "s3://melanoma/scores"
     model_uri: str = "s3://melanoma/models"
-    image_size: int = 180
+    # 128: the default recipe's input (docs/quality.md); scoring resizes to this before the model
+    image_size: int = 128
     val_fraction: float = 0.2
     # Training
     arch: str = "default"
@@ -62,9 +67,9 @@ class Settings:
     # of learning_rate over `epochs`); label smoothing of the training loss; cap on the balanced class
     # weights (0 = no cap; without Augmentor a 1-image class would otherwise get a weight in the hundreds);
     # TensorFlow threads per training worker (0 = the machine's cores divided by the workers).
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     label_smoothing: float = 0.0
-    class_weight_cap: float = 0.0
+    class_weight_cap: float = 10.0
     threads_per_worker: int = 0
     target_sensitivity: float = 0.90
     # Scoring
@@ -75,6 +80,9 @@ class Settings:
     rows_per_file: int = 5000  # at most; a killed run loses at most one unwritten file per write task
     max_image_pixels: int = 64_000_000  # larger declared sizes are refused as decompression bombs
     max_decoded_side: int = 1024  # larger images are downscaled on decode to bound memory
+    # A run in which no batch is scored for this long is aborted with a clear error (score.StalledError); it counts
+    # from the start of the Ray Data pipeline, so it must cover starting the actors and loading the model.
+    score_stall_seconds: int = 600
 
 
 def settings(**overrides) -> Settings:

@@ -57,11 +57,33 @@ def training_tables(data_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train.reset_index(drop=True), val.reset_index(drop=True)
 
 
-def class_weights(labels: pd.Series) -> list[float]:
-    """Balanced weights n / (k * n_c); classes absent from training get weight 0."""
+def class_weights(labels: pd.Series, cap: float = 0.0) -> list[float]:
+    """Balanced weights n / (k * n_c), at most `cap` when cap > 0; classes absent from training get weight 0."""
     counts = labels.value_counts()
     present = len(counts)
-    return [float(len(labels) / (present * counts[i])) if i in counts else 0.0 for i in range(len(CLASS_NAMES))]
+    weights = [float(len(labels) / (present * counts[i])) if i in counts else 0.0 for i in range(len(CLASS_NAMES))]
+    return [min(w, cap) for w in weights] if cap > 0 else weights
+
+
+def _threads(s: Settings) -> int:
+    return s.threads_per_worker if s.threads_per_worker > 0 else max(1, (os.cpu_count() or 1) // max(s.workers, 1))
+
+
+def _learning_rate(config: dict):
+    """A float, or a cosine schedule over the whole run with one epoch of linear warm-up from 10%."""
+    import keras
+
+    lr = config["learning_rate"]
+    if config.get("lr_schedule", "constant") == "constant":
+        return lr
+    if config["lr_schedule"] != "cosine":
+        raise ValueError(f"unknown lr_schedule '{config['lr_schedule']}' (expected constant or cosine)")
+    steps = max(int(config["steps_per_epoch"]), 1)
+    warmup = steps if config["epochs"] > 1 else 0
+    return keras.optimizers.schedules.CosineDecay(
+        lr * 0.1 if warmup else lr, max(steps * config["epochs"] - warmup, 1), alpha=0.01,
+        warmup_target=lr if warmup else None, warmup_steps=warmup,
+    )
 
 
 def _image_dataset(rows: pd.DataFrame, s: Settings) -> ray.data.Dataset:
@@ -109,16 +131,22 @@ def train_loop(config: dict) -> None:
                 model = keras.models.load_model(os.path.join(d, LAST_MODEL))
         else:
             model = architectures.build(config["arch"], len(CLASS_NAMES), config["image_size"])
-            model.compile(optimizer=keras.optimizers.Adam(config["learning_rate"]))
+            model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config)))
         weights = tf.constant(config["class_weights"], dtype=tf.float32)
     optimizer = model.optimizer
+    smoothing = float(config.get("label_smoothing", 0.0))
 
     @tf.function
     def train_step(x, y):
         def step(x, y):
             with tf.GradientTape() as tape:
                 probs = model(tf.cast(x, tf.float32), training=True)
-                per_example = keras.losses.sparse_categorical_crossentropy(y, probs) * tf.gather(weights, y)
+                if smoothing > 0:
+                    targets = tf.one_hot(y, len(CLASS_NAMES))
+                    per_example = keras.losses.categorical_crossentropy(targets, probs, label_smoothing=smoothing)
+                else:
+                    per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+                per_example = per_example * tf.gather(weights, y)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -137,11 +165,14 @@ def train_loop(config: dict) -> None:
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(x, y)), axis=None)
 
     def batches(name: str, epoch: int, shuffle: bool):
+        # drop_last: the shards are equal-sized, so every worker runs the same steps, and no step sees a
+        # one-image batch (a 3,330-row epoch over 2 workers x 16 left one, and the train step failed on it).
         shard = ray.train.get_dataset_shard(name)
         ds = shard.to_tf(
             "image",
             "label",
             batch_size=per_worker,
+            drop_last=True,
             local_shuffle_buffer_size=512 if shuffle else None,
             local_shuffle_seed=config["seed"] + epoch if shuffle else None,
         )
@@ -150,6 +181,7 @@ def train_loop(config: dict) -> None:
     for epoch in range(state["epoch"], config["epochs"]):
         started = time.time()
         losses = [float(train_step(x, y)) for x, y in batches("train", epoch, shuffle=True)]
+        train_seconds = time.time() - started
         totals = np.sum([val_step(x, y).numpy() for x, y in batches("val", epoch, shuffle=False)], axis=0)
         val_loss, val_accuracy = float(totals[0] / totals[2]), float(totals[1] / totals[2])
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
@@ -161,6 +193,7 @@ def train_loop(config: dict) -> None:
             "train_loss": float(np.mean(losses)),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
+            "train_seconds": train_seconds,
             "epoch_seconds": time.time() - started,
         }
         state["history"].append(epoch_metrics)
@@ -194,10 +227,10 @@ def evaluate(model, val: pd.DataFrame, s: Settings) -> dict:
     labels = val["label_index"].to_numpy()
     mel = CLASS_NAMES.index(MELANOMA)
     calibration = metrics.calibrate(probs, labels, mel, s.target_sensitivity, s.seed)
-    report = metrics.classification_report(
-        metrics.temperature_scale(probs, calibration["temperature"]), labels, list(CLASS_NAMES), MELANOMA
-    )
-    return report | {"calibration": calibration}
+    calibrated = metrics.temperature_scale(probs, calibration["temperature"])
+    report = metrics.classification_report(calibrated, labels, list(CLASS_NAMES), MELANOMA)
+    fpr, tpr = metrics.roc_curve(calibrated[:, mel], labels == mel)
+    return report | {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}, "calibration": calibration}
 
 
 def _file_sha256(uri: str) -> str:
@@ -214,8 +247,10 @@ def train(s: Settings, data_uri: str, model_dir: str, storage_uri: str | None = 
     """Train, evaluate, calibrate, publish. Returns the model card."""
     storage.check_writable(model_dir)
     train_rows, val_rows = training_tables(data_uri)
-    if val_rows.empty or train_rows.empty:
-        raise dataset.DatasetError(f"{data_uri}: the manifest needs both train and val rows")
+    if len(val_rows) < s.batch_size or len(train_rows) < s.batch_size:
+        raise dataset.DatasetError(
+            f"{data_uri}: {len(train_rows)} train and {len(val_rows)} val images; each split needs at least one batch ({s.batch_size})"
+        )
     storage_uri = storage_uri or storage.join(model_dir, "_runs")
     run_name = run_name or run_name_for(s, data_uri)
     fs, path = storage.pyarrow_fs(storage_uri)
@@ -230,8 +265,11 @@ def train(s: Settings, data_uri: str, model_dir: str, storage_uri: str | None = 
             "learning_rate": s.learning_rate,
             "patience": s.patience,
             "seed": s.seed,
-            "class_weights": class_weights(train_rows["label_index"]),
-            "threads_per_worker": 1,
+            "class_weights": class_weights(train_rows["label_index"], s.class_weight_cap),
+            "threads_per_worker": _threads(s),
+            "lr_schedule": s.lr_schedule,
+            "label_smoothing": s.label_smoothing,
+            "steps_per_epoch": -(-len(train_rows) // s.batch_size),
         },
         scaling_config=ScalingConfig(
             num_workers=s.workers,
@@ -275,6 +313,11 @@ def train(s: Settings, data_uri: str, model_dir: str, storage_uri: str | None = 
                 "epochs_run": state["epoch"],
                 "history": state["history"],
                 "workers": s.workers,
+                "recipe": {
+                    "image_size": s.image_size, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
+                    "lr_schedule": s.lr_schedule, "label_smoothing": s.label_smoothing,
+                    "class_weight_cap": s.class_weight_cap, "epochs": s.epochs, "patience": s.patience,
+                },
                 "run_name": run_name,
                 "training_seconds": round(time.time() - started, 1),
                 "metrics": {k: v for k, v in evaluation.items() if k != "calibration"},

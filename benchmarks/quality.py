@@ -1,0 +1,225 @@
+"""Model-quality comparison: trains each recipe through train.train (Ray Train, the same path as
+`melanoma train`), then measures every published model on the 9-class validation split (held-out
+cross-fitted alert figures from metrics.calibrate), on the HAM10000 lesion-split validation set with the
+model's SHIPPED temperature and threshold, and on the 9-class validation images re-sized to other
+shapes before the scoring path (decode -> resize to WxH -> images.resize to the input size -> model).
+
+    # once: the leak-free split, Augmentor rebalancing, the HAM10000 work dir (see docs/quality.md)
+    python benchmarks/quality.py prepare --root /work/q
+    # one recipe at a time (results/<recipe>.json under --root); --epochs overrides the recipe's epochs
+    python benchmarks/quality.py run --root /work/q --recipes v2-plain --epochs 12
+    # the markdown table of everything run so far
+    python benchmarks/quality.py table --root /work/q
+
+Recipes are listed by `python benchmarks/quality.py list`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED = Path("/work/shared/data")
+DATA = {"aug": "work", "plain": "work-plain", "ham": "work-ham"}
+
+# name -> Settings overrides + which work dir. "aug" = Augmentor-rebalanced 9-class training split,
+# "plain" = the 9-class training split only (class-weighted loss, weights capped at 10),
+# "ham" = plain + HAM10000 lesion-split training rows (nevus capped at 600 images).
+RECIPES: dict[str, dict] = {
+    "seed-cnn": {"arch": "seed-cnn", "image_size": 180, "data": "aug", "epochs": 3, "lr_schedule": "constant"},
+    "residual-sep": {"arch": "residual-sep", "image_size": 180, "data": "aug", "epochs": 8, "lr_schedule": "constant"},
+    "v2-aug": {"arch": "residual-sep-v2", "image_size": 128, "data": "aug", "epochs": 12, "lr_schedule": "cosine"},
+    "v2-plain": {
+        "arch": "residual-sep-v2", "image_size": 128, "data": "plain", "epochs": 12, "lr_schedule": "cosine",
+        "class_weight_cap": 10.0,
+    },
+    "v2-ham": {
+        "arch": "residual-sep-v2", "image_size": 128, "data": "ham", "epochs": 12, "lr_schedule": "cosine",
+        "class_weight_cap": 10.0,
+    },
+}
+SHAPES = ((224, 224), (600, 450))
+
+
+def prepare(root: Path) -> None:
+    from melanoma import augment, dataset, ham10000, storage
+
+    work = root / "work"
+    if not (work / dataset.MANIFEST).exists():
+        dataset.make_split(str(SHARED / "isic-9class/Train"), str(work), 0.2, 42,
+                           ground_truth_uri=str(SHARED / "labels/isic2019_training_ground_truth.csv"))
+    if augment.read_augmented(str(work)) is None:
+        augment.augment_work_dir(str(work), 42)
+    plain = root / "work-plain"
+    plain.mkdir(parents=True, exist_ok=True)
+    for name in (dataset.MANIFEST, "audit.json"):
+        storage.write_bytes(str(plain / name), (work / name).read_bytes())
+    report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / "work-ham"), 0.2, 42,
+                                 max_train_per_class={"nevus": 600})
+    print(json.dumps(report["per_split"], indent=1))
+
+
+def _probs(model, pixels: list[np.ndarray], size: int) -> np.ndarray:
+    from melanoma import images
+
+    out = []
+    for start in range(0, len(pixels), 64):
+        batch = np.stack([images.resize(p, size) for p in pixels[start : start + 64]]).astype(np.float32)
+        out.append(model.predict_on_batch(batch))
+    return np.concatenate(out)
+
+
+def shipped_figures(probs: np.ndarray, labels: np.ndarray, card: dict) -> dict:
+    """Metrics of the model as shipped: its temperature and alert threshold, nothing refitted."""
+    from melanoma import metrics
+    from melanoma.config import CLASS_NAMES, MELANOMA
+
+    mel = CLASS_NAMES.index(MELANOMA)
+    calibrated = metrics.temperature_scale(probs, card["temperature"])
+    report = metrics.classification_report(calibrated, labels, list(CLASS_NAMES), MELANOMA)
+    positive = labels == mel
+    return {
+        "n": int(len(labels)),
+        "balanced_accuracy": report["balanced_accuracy"],
+        "accuracy": report["accuracy"],
+        "melanoma_auc": report["melanoma_auc"],
+        "ece": metrics.expected_calibration_error(calibrated[:, mel], positive),
+        **metrics.alert_report(calibrated[:, mel], positive, card["alert_threshold"]),
+    }
+
+
+def measure(version_dir: str, s, root: Path) -> dict:
+    from melanoma import ham10000, images, metrics, registry, storage, train
+    from melanoma.config import CLASS_NAMES, MELANOMA
+
+    loaded = registry.load(version_dir)
+    model, card = loaded.model, loaded.card
+    size = card["input_size"][0]
+    _, val = train.training_tables(card["data_uri"])
+    decoded = [images.decode(storage.read_bytes(u), s.max_image_pixels, s.max_decoded_side) for u in val["uri"]]
+    labels = val["label_index"].to_numpy()
+    out = {"val_shipped": shipped_figures(_probs(model, decoded, size), labels, card), "shapes": {}}
+    for w, h in SHAPES:
+        resized = [np.array(Image.fromarray(p).resize((w, h), Image.Resampling.BILINEAR)) for p in decoded]
+        out["shapes"][f"{w}x{h}"] = shipped_figures(_probs(model, resized, size), labels, card)
+    # scoring resizes to Settings.image_size, not to the card's input size: what a mismatch costs
+    for other in sorted({128, 180} - {size}):
+        out["shapes"][f"pipeline resizes to {other}"] = shipped_figures(_probs(model, decoded, other), labels, card)
+    ham_val = ham10000.read_val(str(root / "work-ham"))
+    pixels = [images.decode(storage.read_bytes(u), s.max_image_pixels, s.max_decoded_side) for u in ham_val["uri"]]
+    ham_probs = _probs(model, pixels, size)
+    ham_labels = ham_val["label_index"].to_numpy()
+    out["ham_val_shipped"] = shipped_figures(ham_probs, ham_labels, card)
+    # HAM's own cross-fitted figures (temperature and threshold refitted on halves of HAM val)
+    cal = metrics.calibrate(ham_probs, ham_labels, CLASS_NAMES.index(MELANOMA), s.target_sensitivity, s.seed)
+    out["ham_val_refit_held_out"] = cal["held_out"]
+    return out
+
+
+def run(root: Path, names: list[str], epochs: int | None, workers: int) -> None:
+    import ray
+
+    from melanoma import train
+    from melanoma.config import settings
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    (root / "results").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        recipe = dict(RECIPES[name])
+        data = str(root / DATA[recipe.pop("data")])
+        if epochs is not None:
+            recipe["epochs"] = epochs
+        s = settings(workers=workers, **recipe)
+        run_name = f"{name}-e{s.epochs}-w{workers}-{int(time.time())}"
+        started = time.time()
+        card = train.train(s, data, str(root / "models"), run_name=run_name)
+        wall = time.time() - started
+        version_dir = os.path.join(str(root / "models"), card["version"])
+        result = {
+            "recipe": name, "settings": recipe | {"workers": workers}, "data_uri": data, "version": card["version"],
+            "epochs_run": card["epochs_run"], "train_images": card["train_images"], "val_images": card["val_images"],
+            "training_seconds": card["training_seconds"], "wall_seconds_incl_data_and_eval": round(wall, 1),
+            "epoch_seconds": [round(h["epoch_seconds"], 1) for h in card["history"]],
+            "history": card["history"],
+            "val": {
+                "balanced_accuracy": card["metrics"]["balanced_accuracy"], "melanoma_auc": card["metrics"]["melanoma_auc"],
+                "held_out": card["calibration"]["held_out"], "temperature": card["temperature"],
+                "alert_threshold": card["alert_threshold"], "in_sample_at_threshold": card["calibration"]["at_threshold"],
+            },
+        }
+        result |= measure(version_dir, s, root)
+        (root / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: result[k] for k in ("recipe", "training_seconds", "val", "ham_val_shipped")}, indent=1))
+    ray.shutdown()
+
+
+def remeasure(root: Path) -> None:
+    """Recompute the measurements (not the training) of every result file, e.g. after adding a shape."""
+    from melanoma.config import settings
+
+    for p in sorted((root / "results").glob("*.json")):
+        result = json.loads(p.read_text())
+        result |= measure(os.path.join(str(root / "models"), result["version"]), settings(), root)
+        p.write_text(json.dumps(result, indent=2))
+
+
+def table(root: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "| recipe | epochs | train imgs | BA | mel AUC | sens (held-out) | spec (held-out) | ECE (held-out) | train wall s | HAM-val AUC | HAM-val sens / spec @ shipped | HAM-val ECE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        v, h, ham = r["val"], r["val"]["held_out"], r["ham_val_shipped"]
+        lines.append(
+            f"| {r['recipe']} | {r['epochs_run']} | {r['train_images']} | {f(v['balanced_accuracy'])} | {f(v['melanoma_auc'])} | "
+            f"{f(h['sensitivity'])} | {f(h['specificity'])} | {f(h['ece'])} | {r['training_seconds']:.0f} | "
+            f"{f(ham['melanoma_auc'])} | {f(ham['sensitivity'])} / {f(ham['specificity'])} | {f(ham['ece'])} |"
+        )
+    lines += ["", "| recipe | shape | BA | mel AUC | sens @ shipped | spec @ shipped | ECE |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for shape, m in [("as stored", r["val_shipped"])] + list(r["shapes"].items()):
+            lines.append(f"| {r['recipe']} | {shape} | {f(m['balanced_accuracy'])} | {f(m['melanoma_auc'])} | "
+                         f"{f(m['sensitivity'])} | {f(m['specificity'])} | {f(m['ece'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--root", type=Path, required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--recipes", required=True, help=f"comma-separated: {', '.join(RECIPES)}")
+    p.add_argument("--epochs", type=int, help="override every recipe's epoch count")
+    p.add_argument("--workers", type=int, default=2)
+    p = sub.add_parser("remeasure")
+    p.add_argument("--root", type=Path, required=True)
+    p = sub.add_parser("table")
+    p.add_argument("--root", type=Path, required=True)
+    sub.add_parser("list")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "prepare":
+        prepare(args.root)
+    elif args.command == "run":
+        run(args.root, args.recipes.split(","), args.epochs, args.workers)
+    elif args.command == "remeasure":
+        remeasure(args.root)
+    elif args.command == "table":
+        print(table(args.root))
+    else:
+        print(json.dumps(RECIPES, indent=1))
+
+
+if __name__ == "__main__":
+    main()
