@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -94,6 +95,8 @@ def load(model_uri: str) -> LoadedModel:
         path = os.path.join(tmp, MODEL_FILE)
         with open(path, "wb") as f:
             f.write(data)
+        if not zipfile.is_zipfile(path):  # else Keras says "File not found" (of this temp copy) for a truncated file
+            raise ModelError(f"{model_uri_file}: cannot be loaded safely: not a .keras zip archive (truncated or corrupt)")
         try:
             model = keras.models.load_model(path, compile=False, safe_mode=True)
         except Exception as exc:

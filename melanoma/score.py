@@ -3,7 +3,8 @@
   list inputs ─► _inputs/run_date=D/inputs.parquet (minus images already in the partition)
       │  read_parquet (a Read, so Ray Data's checkpoint filter skips rows already written)
       ▼
-  prepare: fetch bytes, sha256, decode, resize (tasks; each bad input becomes an `error`, never a crash)
+  prepare: fetch bytes, sha256, decode, resize (each bad input becomes an `error`, never a crash;
+           Ray fuses this step into the Scorer actors, so pixels never cross processes)
       ▼
   Scorer: model loaded once per actor, predict_on_batch, temperature, alert threshold (actor pool)
       ▼
@@ -15,13 +16,23 @@
 A rerun after a crash scores only what is missing; readers of run_date=D/ never see a half-written file
 (a local file appears by rename, an S3 object by a complete PUT), and names starting with `_` are ignored
 by pyarrow, DuckDB globs and Hive readers.
+
+Failing instead of hanging (docs/reliability.md): when the storage service itself is down, a run stops with one
+clear StorageError instead of recording "cannot read" rows (the object is fine, the service is not), and Ray Data's
+own I/O retries are limited to throttling: its nested retry loops (10 attempts with backoff up to 32 s, around
+calls that retry 10 times themselves) otherwise keep a run waiting for many minutes on a dead endpoint. Ray Data's
+no-progress guard, set to Settings.score_stall_seconds, aborts a run that stands still for any other reason
+(a frozen endpoint, resources that never come) with StalledError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import re
+import warnings
 from datetime import date, datetime, timezone
 
 import numpy as np
@@ -33,6 +44,8 @@ import pyarrow.fs as pafs
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.checkpoint import CheckpointConfig
+from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
+from ray.data.exceptions import ExecutionTimeoutError
 
 from melanoma import archive, images, metrics, registry, storage
 from melanoma.config import IMAGE_SUFFIXES, MELANOMA, Settings, snake_case
@@ -40,6 +53,16 @@ from melanoma.config import IMAGE_SUFFIXES, MELANOMA, Settings, snake_case
 log = logging.getLogger(__name__)
 
 SUMMARY = "_summary.json"
+# The only I/O errors Ray Data may retry during a run: throttling, which goes away by itself. A dead or
+# unreachable endpoint fails the run within the S3 client's own bounded retries (storage._s3).
+RETRIED_IO_ERRORS = ["AWS Error SLOW_DOWN"]
+
+
+class StalledError(storage.StorageError):
+    """A run made no progress for Settings.score_stall_seconds and was aborted (one line, for the CLI)."""
+
+
+RERUN = "(the run stopped; rerun it to resume: rows already written are kept)"
 
 
 def output_schema(class_names: list[str]) -> pa.Schema:
@@ -79,6 +102,8 @@ def prepare(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side: int
             data = archive.fetch(row.image_uri, row.shard_uri, row.offset, row.size)
             digests[i] = hashlib.sha256(data).hexdigest()
             pixels[i] = images.resize(images.decode(data, max_pixels, max_side), image_size)
+        except storage.StorageUnavailable:
+            raise  # the service is down, not this image: fail the run (a rerun resumes), never record a row
         except storage.StorageError as exc:
             errors[i] = f"cannot read: {exc}"
         except images.ImageError as exc:
@@ -198,34 +223,52 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
     inputs, skipped = archive.list_inputs(input_uri)
     if inputs.empty:
         raise storage.StorageError(f"{input_uri}: no images ({', '.join(IMAGE_SUFFIXES)}) or tar shards found")
-    todo = inputs[~inputs["image_uri"].isin(_already_scored(output_uri, run_date))]
+    with _one_line(output_uri):
+        todo = inputs[~inputs["image_uri"].isin(_already_scored(output_uri, run_date))]
     log.info("%s: %d images listed, %d to score with model %s", input_uri, len(inputs), len(todo), card["version"])
     if len(todo):
-        _run_pipeline(s, model_uri, todo, output_uri, run_date)
-    promoted = _promote(output_uri, run_date)
-    storage.delete_dir(_internal(output_uri, "checkpoints", run_date))
-    summary = _summarize(output_uri, run_date, len(inputs), skipped, started, card["version"]) | {
-        "input_uri": input_uri,
-        "model_uri": loaded.uri,
-        "output_uri": partition(output_uri, run_date),
-        "files_written": promoted,
-    }
+        _run_pipeline(s, model_uri, card["input_size"][0], todo, output_uri, run_date)  # the size it was trained at
+    with _one_line(output_uri):
+        promoted = _promote(output_uri, run_date)
+        storage.delete_dir(_internal(output_uri, "checkpoints", run_date))
+        summary = _summarize(output_uri, run_date, len(inputs), skipped, started, card["version"]) | {
+            "input_uri": input_uri,
+            "model_uri": loaded.uri,
+            "output_uri": partition(output_uri, run_date),
+            "files_written": promoted,
+        }
     storage.write_bytes(storage.join(partition(output_uri, run_date), SUMMARY), json.dumps(summary, indent=2).encode())
     return summary
 
 
-def _run_pipeline(s: Settings, model_uri: str, todo: pd.DataFrame, output_uri: str, run_date: str) -> None:
+@contextlib.contextmanager
+def _one_line(uri: str):
+    """pyarrow's OSError (an S3 call that failed after its retries) as a one-line StorageError naming uri."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage._explain(uri, exc) from None
+
+
+def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFrame, output_uri: str, run_date: str) -> None:
     inputs_uri = storage.join(_internal(output_uri, "inputs", run_date), "inputs.parquet")
     storage.write_parquet(inputs_uri, todo)
     fs, inputs_path = storage.pyarrow_fs(inputs_uri)
     _, staging = storage.pyarrow_fs(_internal(output_uri, "staging", run_date))
+    with _one_line(output_uri):
+        _finish_interrupted_commits(_internal(output_uri, "checkpoints", run_date))
     ctx = DataContext.get_current()
+    saved = ctx.retried_io_errors, ctx.execution_no_progress_timeout_s
     ctx.checkpoint_config = CheckpointConfig(
         id_column="image_uri",
         checkpoint_path=_internal(output_uri, "checkpoints", run_date),
         override_filesystem=fs,
         delete_checkpoint_on_success=False,  # dropped by us once the files are promoted
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "substring matching will be deprecated": ours are literal
+        ctx.retried_io_errors = RETRIED_IO_ERRORS
+    ctx.execution_no_progress_timeout_s = float(s.score_stall_seconds)
     try:
         threads = max(int(s.cpus_per_actor), 1)
         (
@@ -236,7 +279,7 @@ def _run_pipeline(s: Settings, model_uri: str, todo: pd.DataFrame, output_uri: s
                 prepare,
                 batch_format="pandas",
                 batch_size=s.score_batch_size,
-                fn_kwargs={"image_size": s.image_size, "max_pixels": s.max_image_pixels, "max_side": s.max_decoded_side},
+                fn_kwargs={"image_size": image_size, "max_pixels": s.max_image_pixels, "max_side": s.max_decoded_side},
             )
             .map_batches(
                 Scorer,
@@ -249,8 +292,81 @@ def _run_pipeline(s: Settings, model_uri: str, todo: pd.DataFrame, output_uri: s
             )
             .write_parquet(staging, filesystem=fs, max_rows_per_file=s.rows_per_file)
         )
+    except ExecutionTimeoutError as exc:
+        log.warning("Ray Data's no-progress guard stopped the run: %s", exc)  # names the operators still running
+        raise StalledError(
+            f"{partition(output_uri, run_date)}: nothing moved through the pipeline for {s.score_stall_seconds} s, "
+            f"run aborted: check that the S3 endpoint answers and that the cluster has the CPUs/GPUs the run asks "
+            f"for {RERUN}"
+        ) from None
+    except Exception as exc:
+        explained = _explain_failure(exc, output_uri)
+        if explained is None:
+            raise
+        raise explained from None
     finally:
         ctx.checkpoint_config = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.retried_io_errors, ctx.execution_no_progress_timeout_s = saved
+
+
+def _finish_interrupted_commits(checkpoints_uri: str) -> int:
+    """Ray Data commits a written block by moving <id>.pending.parquet to <id>.parquet. On S3 a move is a copy and
+    then a delete: a crash between the two (S3 or the worker killed) leaves both files, and Ray Data's recovery then
+    deletes the block's data files (pending = unfinished) while the committed file keeps its rows out of the rerun:
+    the block is lost. Both files mean the copy was made, which happens only once the data files are written, so the
+    commit is finished here, before the rerun's recovery sees it (Ray Data's own commit treats this state the same)."""
+    fs, path = storage.pyarrow_fs(checkpoints_uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return 0
+    names = {f.base_name for f in fs.get_file_info(pafs.FileSelector(path)) if f.type == pafs.FileType.File}
+    pending = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"
+    finished = sorted(n for n in names if n.endswith(pending) and f"{n[: -len(pending)]}.parquet" in names)
+    for name in finished:
+        fs.delete_file(f"{path}/{name}")
+    if finished:
+        log.warning("%s: finished %d checkpoint commit(s) cut between copy and delete", checkpoints_uri, len(finished))
+    return len(finished)
+
+
+def _explain_failure(exc: BaseException, output_uri: str) -> Exception | None:
+    """A one-line StorageError or ModelError for a run that failed on storage or on the model, else None.
+
+    Ray wraps a worker's exception (RayTaskError, Ray Data's UserCodeException) with tracebacks in its text:
+    the original is found through .cause / __cause__ / __context__ or, for an exception raised in our own UDF
+    (whose chain does not survive pickling), in the traceback text as "melanoma.storage.StorageUnavailable: ..."."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        if isinstance(e, ray.exceptions.RayError):
+            raised = _WORKER_ERROR.search(str(e))
+            if raised:
+                return _USER_ERRORS[raised.group(1)](f"{raised.group(2).strip()} {RERUN}")
+            continue  # its str() is a traceback; look at what it wraps
+        if isinstance(e, (storage.StorageError, registry.ModelError)):
+            return type(e)(f"{_first_line(e)} {RERUN}")
+        if isinstance(e, OSError) and ("AWS Error" in str(e) or "curlCode" in str(e)):
+            explained = storage._explain(output_uri, e)
+            return type(explained)(f"{explained} {RERUN}")
+    return None
+
+
+_USER_ERRORS = {
+    "storage.StorageUnavailable": storage.StorageUnavailable,
+    "storage.StorageError": storage.StorageError,
+    "registry.ModelError": registry.ModelError,
+}
+_WORKER_ERROR = re.compile(rf"^melanoma\.({'|'.join(map(re.escape, _USER_ERRORS))}): (.+)$", re.MULTILINE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def nightly(s: Settings, run_date: str) -> dict:

@@ -24,6 +24,11 @@ class StorageError(Exception):
     """A one-line, user-facing storage problem (which URI, what was wrong)."""
 
 
+class StorageUnavailable(StorageError):
+    """The storage service itself failed (unreachable, timed out, throttling, 5xx), not the object: trying again
+    later may well succeed, so a caller must never record this as a property of the object."""
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -105,10 +110,23 @@ def _explain(uri: str, exc: Exception) -> StorageError:
         return StorageError(f"{uri}: bucket '{bucket}' does not exist")
     if "accessdenied" in codes or "invalidaccesskeyid" in codes or "signaturedoesnotmatch" in codes:
         return StorageError(f"{uri}: access denied (check the AWS credentials in the environment)")
-    if "Connection refused" in text or "curlCode" in text or "Couldn't connect" in text:
-        return StorageError(f"{uri}: cannot reach the S3 endpoint {os.environ.get('AWS_ENDPOINT_URL', 'of AWS')}")
-    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return StorageError(f"{uri}: {first_line}")
+    if "Connection refused" in text or "curlCode" in text or "Couldn't connect" in text or "networkconnection" in codes:
+        return StorageUnavailable(f"{uri}: cannot reach the S3 endpoint {os.environ.get('AWS_ENDPOINT_URL', 'of AWS')}")
+    if any(code in codes.replace(" ", "") for code in _TRANSIENT_CODES):
+        return StorageUnavailable(f"{uri}: S3 endpoint failed transiently ({_first_line(text)[:200]})")
+    return StorageError(f"{uri}: {_first_line(text) or type(exc).__name__}")
+
+
+# AWS SDK (pyarrow) and botocore names of service-side failures that say nothing about the object itself,
+# compared like the codes above (lower case, no underscores).
+_TRANSIENT_CODES = (
+    "slowdown", "serviceunavailable", "internalfailure", "internalerror", "requesttimeout", "throttl",
+    "httpstatus500", "httpstatus502", "httpstatus503", "httpstatus504",
+)  # fmt: skip
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def info(uri: str) -> pafs.FileInfo:

@@ -33,7 +33,7 @@ def test_model_card_contents(trained_model, small_work_dir):
                 "temperature", "alert_threshold", "libraries", "created_at", "model_sha256", "metrics", "calibration"):
         assert key in card, key
     assert card["class_names"] == list(CLASS_NAMES)
-    assert card["input_size"] == [180, 180, 3]
+    assert card["input_size"] == [settings().image_size, settings().image_size, 3]
     m = card["metrics"]
     for key in ("accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "melanoma_auc"):
         assert key in m, key
