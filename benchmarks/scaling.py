@@ -30,7 +30,9 @@ capacity    no measurement: the capacity model of docs/capacity.md (nodes for 10
 
 Every figure is printed with the load average before and after it: on a shared machine images/s per
 wall-second is distorted by other work, so the CPU-seconds each measurement used are printed too
-(utime+stime of every process of the Ray nodes, reaped children included, of the driver and of SeaweedFS).
+(utime+stime of every process of the Ray nodes, of the driver and of SeaweedFS, sampled every second per
+process; the sampler's own CPU is subtracted from the driver's). Steady images/s counts the rows between
+the first and the last scored batch (their scored_at), leaving out start-up and the write tail.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def title(pid: int) -> str:
 class Sampler:
     """Peak PSS and CPU time of every process of interest, sampled every `interval` s: the driver (this
     process alone), SeaweedFS, and each Ray node's processes (found by the node's marker,
-    services.RayNode.pids()). CPU time is kept per process (Ray reaps its workers without adding their
-    time to the raylet's cutime), so a process that exits loses at most its last interval."""
+    services.RayNode.pids()). CPU time is kept per process (cutime is not used: a worker's time reaches
+    its parent only if the parent waits for it), so a process that exits loses at most its last interval."""
 
     def __init__(self, nodes: dict, server_pid: int | None, interval: float = 1.0):
         self.nodes, self.server_pid, self.interval = nodes, server_pid, interval
@@ -121,6 +123,8 @@ class Sampler:
         self.peak_total = 0
         self.times: list[float] = []
         self.cpu: dict[int, dict[int, float]] = {}  # pid -> {sample index: CPU-seconds so far}
+        self.own: list[float] = []  # this sampler's own CPU-seconds so far (it runs in the driver) at each sample
+        self._own_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -133,6 +137,7 @@ class Sampler:
                 seen[pid] = name
         index = len(self.times)
         self.times.append(time.time())
+        self.own.append(self._own_cpu)
         total = 0
         for pid, where in seen.items():
             used = cpu_seconds(pid)
@@ -150,7 +155,9 @@ class Sampler:
 
     def _run(self):
         while not self._stop.is_set():
+            started = time.thread_time()
             self._sample()
+            self._own_cpu += time.thread_time() - started
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -193,6 +200,10 @@ class Sampler:
             series = [points[i] for i in sorted(points)]
             delta = float(np.interp(t1, times, series) - np.interp(t0, times, series))
             used[self.where[pid]] = used.get(self.where[pid], 0.0) + delta
+        if "driver" in used:  # the sampler's own /proc reading is not the driver's work
+            sampler = float(np.interp(t1, self.times, self.own) - np.interp(t0, self.times, self.own))
+            used["driver"] -= sampler
+            used["sampler"] = sampler
         return used
 
 
@@ -240,10 +251,11 @@ def score_once(label: str, s, model_dir: str, input_uri: str, output: str, nodes
         time.sleep(1.5)  # one more sample after the end
     whole = sampler.cpu_between()
     cpu_driver, cpu_server = whole.pop("driver", 0.0), whole.pop("seaweedfs", 0.0)
+    cpu_sampler = whole.pop("sampler", 0.0)
     cpu_nodes = sum(whole.values())
     rate, span, t0, t1, steady_rows = steady_rate(output)
     steady_cpu = sampler.cpu_between(t0, t1) if span else {}
-    steady_nodes = sum(v for k, v in steady_cpu.items() if k not in ("driver", "seaweedfs"))
+    steady_nodes = sum(v for k, v in steady_cpu.items() if k not in ("driver", "seaweedfs", "sampler"))
     rows = summary["scored_this_run"]
     result = {
         "label": label, "rows": rows, "errors": summary["errors"], "seconds": seconds, "job_rate": rows / seconds,
@@ -257,7 +269,8 @@ def score_once(label: str, s, model_dir: str, input_uri: str, output: str, nodes
     if span:
         print(f"    first batch scored {t0 - started:.1f} s after the call (listing, start-up), last batch "
               f"{started + seconds - t1:.1f} s before the return (write, promote, summary)")
-    print(f"    CPU-seconds, whole job: Ray nodes {cpu_nodes:.1f}, driver {cpu_driver:.1f}, SeaweedFS {cpu_server:.1f}")
+    print(f"    CPU-seconds, whole job: Ray nodes {cpu_nodes:.1f}, driver {cpu_driver:.1f}, SeaweedFS {cpu_server:.1f} "
+          f"(this script's sampler {cpu_sampler:.1f}, not counted in the driver)")
     print(f"    CPU-seconds, steady span: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(steady_cpu.items()))
           + (f" -> {result['steady_per_cpu']:.1f} img per node-CPU-second" if result["steady_per_cpu"] else ""))
     if span:

@@ -65,7 +65,8 @@ def run(data: str | None, archive_source: str | None, epochs: int, archive_image
     os.environ.update(server.env())
     try:
         runtime.connect()
-        server.make_bucket(BUCKET)
+        if not storage.exists(f"s3://{BUCKET}"):  # a rerun finds it there
+            server.make_bucket(BUCKET)
         work, models = f"s3://{BUCKET}/work", f"s3://{BUCKET}/models"
         archive = f"s3://{BUCKET}/archive/{run_date}"
         scores = f"s3://{BUCKET}/scores"
