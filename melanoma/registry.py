@@ -105,4 +105,8 @@ def load(model_uri: str) -> LoadedModel:
     outputs = model.output_shape[-1]
     if outputs != len(card["class_names"]):
         raise ModelError(f"{version_dir}: the card names {len(card['class_names'])} classes but the model has {outputs} outputs")
+    takes = list(model.input_shape[1:])
+    if "input_size" in card and [c if t is None else t for c, t in zip(card["input_size"], takes)] != list(card["input_size"]):
+        said = "x".join(map(str, card["input_size"]))
+        raise ModelError(f"{version_dir}: the card says the model takes {said} images but it takes {'x'.join(map(str, takes))}")
     return LoadedModel(model=model, card=card, uri=version_dir)

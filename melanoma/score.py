@@ -227,7 +227,9 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
         todo = inputs[~inputs["image_uri"].isin(_already_scored(output_uri, run_date))]
     log.info("%s: %d images listed, %d to score with model %s", input_uri, len(inputs), len(todo), card["version"])
     if len(todo):
-        _run_pipeline(s, model_uri, card["input_size"][0], todo, output_uri, run_date)  # the size it was trained at
+        # the size it was trained at (registry.load checked the card against the model); older cards lack it
+        size = card.get("input_size", loaded.model.input_shape[1:])[0] or s.image_size
+        _run_pipeline(s, model_uri, size, todo, output_uri, run_date)
     with _one_line(output_uri):
         promoted = _promote(output_uri, run_date)
         storage.delete_dir(_internal(output_uri, "checkpoints", run_date))

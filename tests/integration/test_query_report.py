@@ -382,9 +382,20 @@ def test_morning_report_renders_for_a_doctor(scored, tmp_path):
 
 
 def test_morning_report_without_a_model(scored, tmp_path):
+    """Without --model the report takes the model from the run summary; with neither it says so."""
+    from_summary = report.morning_report(scored.local, NIGHTS[1], str(tmp_path / "from-summary.html"))
+    assert from_summary["flagged"] == scored.summaries[NIGHTS[1]]["flagged"]
+    assert "No model given (--model)" not in (tmp_path / "from-summary.html").read_text()
+
+    copy = tmp_path / "scores"
+    shutil.copytree(scored.local, copy)
+    summary_path = copy / f"run_date={NIGHTS[1]}" / "_summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.pop("model_uri", None)
+    summary_path.write_text(json.dumps(summary))
     out = tmp_path / "no-model.html"
 
-    result = report.morning_report(scored.local, NIGHTS[1], str(out))
+    result = report.morning_report(str(copy), NIGHTS[1], str(out))
 
     page = out.read_text()
     assert result["heatmaps"] == 0 and result["flagged"] == scored.summaries[NIGHTS[1]]["flagged"]

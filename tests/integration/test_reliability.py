@@ -521,6 +521,8 @@ BAD_MODELS = {
                 r"s3://\S+: the card names 8 classes but the model has 9 outputs"),
     "lambda": (lambda models, work: publish_tiny_model(f"{models}/lambda", work, seed=4, lambda_layer=True),
                r"s3://\S+/model\.keras: cannot be loaded safely: .*`Lambda` layer.*"),
+    "input-size": (lambda models, work: publish_tiny_model(f"{models}/input-size", work, seed=5, input_size=[128, 128, 3]),
+                   rf"s3://\S+: the card says the model takes 128x128x3 images but it takes {IMAGE_SIZE}x{IMAGE_SIZE}x3"),
 }  # fmt: skip
 
 
