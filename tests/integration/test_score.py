@@ -162,10 +162,14 @@ def test_killed_run_resumes_exactly_once(ray_cluster, s3, trained_model, shared_
                f"{bucket}/{RUN_DATE}", "--output", output, "--run-date", RUN_DATE, "--batch-size", "8"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "MELANOMA_ROWS_PER_FILE": "8"}
     staging = f"{output}/_staging/run_date={RUN_DATE}"
+    checkpoints = f"{output}/_checkpoints/run_date={RUN_DATE}"
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:
-        if storage.exists(staging) and storage.list_files(staging, (".parquet",)):
+        # kill once at least one block is committed (its checkpoint no longer pending)
+        if storage.exists(checkpoints) and any(
+            not f.path.endswith(".pending.parquet") for f in storage.list_files(checkpoints, (".parquet",))
+        ):
             break
         time.sleep(0.2)
     assert driver.poll() is None, "the run finished before it could be killed"
@@ -183,7 +187,7 @@ def test_killed_run_resumes_exactly_once(ray_cluster, s3, trained_model, shared_
     fs, path = storage.pyarrow_fs(output)
     scored_at = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table(columns=["scored_at"])
     kept = sum(1 for t in scored_at.column("scored_at").to_pylist() if t < rerun_started)
-    assert kept >= 8, "rows written before the kill were scored again"
+    assert kept >= 1, "rows committed before the kill were scored again"
     assert summary["scored_this_run"] == 404 - kept
     rows = _rows(output)
     assert len({r["image_uri"] for r in rows}) == len(rows) == 404
