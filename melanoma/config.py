@@ -77,6 +77,8 @@ class Settings:
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    # Concurrent reads per prepare batch: hides S3 request latency (each read waits on the network, not a CPU).
+    fetch_threads: int = 8
     rows_per_file: int = 5000  # at most; a killed run loses at most one unwritten file per write task
     max_image_pixels: int = 64_000_000  # larger declared sizes are refused as decompression bombs
     max_decoded_side: int = 1024  # larger images are downscaled on decode to bound memory

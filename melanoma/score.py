@@ -3,8 +3,8 @@
   list inputs ─► _inputs/run_date=D/inputs.parquet (minus images already in the partition)
       │  read_parquet (a Read, so Ray Data's checkpoint filter skips rows already written)
       ▼
-  prepare: fetch bytes, sha256, decode, resize (each bad input becomes an `error`, never a crash;
-           Ray fuses this step into the Scorer actors, so pixels never cross processes)
+  prepare: fetch a batch's bytes (concurrent reads), sha256, decode, resize (each bad input becomes an `error`,
+           never a crash; Ray fuses this step into the Scorer actors, so pixels never cross processes)
       ▼
   Scorer: model loaded once per actor, predict_on_batch, temperature, alert threshold (actor pool)
       ▼
@@ -91,21 +91,20 @@ def _internal(output_uri: str, kind: str, run_date: str) -> str:
     return storage.join(output_uri, f"_{kind}", f"run_date={run_date}")
 
 
-def prepare(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side: int) -> dict:
-    """Ray Data map step: input rows -> sha256, model-sized pixels and a per-row error (None when fine)."""
+def prepare(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side: int, fetch_threads: int) -> dict:
+    """Ray Data map step: input rows -> sha256, model-sized pixels and a per-row error (None when fine).
+    A StorageUnavailable from the fetch (the service is down, not the image) fails the run: a rerun resumes."""
     n = len(batch)
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     digests: list[str | None] = [None] * n
     errors: list[str | None] = [None] * n
-    for i, row in enumerate(batch.itertuples(index=False)):
+    for i, data in enumerate(archive.fetch_all(batch, fetch_threads)):
+        if isinstance(data, storage.StorageError):
+            errors[i] = f"cannot read: {data}"
+            continue
+        digests[i] = hashlib.sha256(data).hexdigest()
         try:
-            data = archive.fetch(row.image_uri, row.shard_uri, row.offset, row.size)
-            digests[i] = hashlib.sha256(data).hexdigest()
             pixels[i] = images.resize(images.decode(data, max_pixels, max_side), image_size)
-        except storage.StorageUnavailable:
-            raise  # the service is down, not this image: fail the run (a rerun resumes), never record a row
-        except storage.StorageError as exc:
-            errors[i] = f"cannot read: {exc}"
         except images.ImageError as exc:
             errors[i] = str(exc)
     return {
@@ -281,7 +280,10 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFra
                 prepare,
                 batch_format="pandas",
                 batch_size=s.score_batch_size,
-                fn_kwargs={"image_size": image_size, "max_pixels": s.max_image_pixels, "max_side": s.max_decoded_side},
+                fn_kwargs={
+                    "image_size": image_size, "max_pixels": s.max_image_pixels, "max_side": s.max_decoded_side,
+                    "fetch_threads": s.fetch_threads,
+                },
             )
             .map_batches(
                 Scorer,
