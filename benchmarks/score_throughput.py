@@ -50,13 +50,10 @@ def upload(files: list[Path], prefix: str) -> None:
 
 
 def plain_loop(files: list[Path], model_dir: str, batch: int) -> float:
-    import tensorflow as tf
-
     from melanoma import images, registry
     from melanoma.config import settings
 
-    tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count())
-    s = settings()
+    s = settings()  # TensorFlow's default threading: every core of the machine
     net = registry.load(model_dir).model
     started = time.time()
     for i in range(0, len(files), batch):
