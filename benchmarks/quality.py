@@ -1,8 +1,9 @@
 """Model-quality comparison: trains each recipe through train.train (Ray Train, the same path as
 `melanoma train`), then measures every published model on the 9-class validation split (held-out
-cross-fitted alert figures from metrics.calibrate), on the HAM10000 lesion-split validation set with the
-model's SHIPPED temperature and threshold, and on the 9-class validation images re-sized to other
-shapes before the scoring path (decode -> resize to WxH -> images.resize to the input size -> model).
+cross-fitted alert figures from metrics.calibrate), on HAM-test (half of the HAM10000 lesion-split
+validation lesions, never used by any recipe) with the model's SHIPPED temperature and threshold, and on
+the 9-class validation images re-sized to other shapes before the scoring path (decode -> resize to WxH
+-> images.resize to the input size -> model).
 
     # once: the leak-free split, Augmentor rebalancing, the HAM10000 work dir (see docs/quality.md)
     python benchmarks/quality.py prepare --root /work/q
@@ -27,11 +28,13 @@ import numpy as np
 from PIL import Image
 
 SHARED = Path("/work/shared/data")
-DATA = {"aug": "work", "plain": "work-plain", "ham": "work-ham"}
+DATA = {"aug": "work", "plain": "work-plain", "ham": "work-ham", "ham-mixed": "work-ham-mixed"}
 
 # name -> Settings overrides + which work dir. "aug" = Augmentor-rebalanced 9-class training split,
 # "plain" = the 9-class training split only (class-weighted loss, weights capped at 10),
-# "ham" = plain + HAM10000 lesion-split training rows (nevus capped at 600 images).
+# "ham" = plain + HAM10000 lesion-split training rows (nevus capped at 600 images), validated on the 9-class split;
+# "ham-mixed" = the same training rows, validated (early stopping, temperature, alert threshold) on the 9-class
+# split plus half of the HAM validation lesions; the other half is HAM-test, the held-out set of every recipe.
 RECIPES: dict[str, dict] = {
     "seed-cnn": {"arch": "seed-cnn", "image_size": 180, "data": "aug", "epochs": 3, "lr_schedule": "constant"},
     "residual-sep": {"arch": "residual-sep", "image_size": 180, "data": "aug", "epochs": 8, "lr_schedule": "constant"},
@@ -42,6 +45,10 @@ RECIPES: dict[str, dict] = {
     },
     "v2-ham": {
         "arch": "residual-sep-v2", "image_size": 128, "data": "ham", "epochs": 12, "lr_schedule": "cosine",
+        "class_weight_cap": 10.0,
+    },
+    "v2-ham-mixed": {
+        "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed", "epochs": 12, "lr_schedule": "cosine",
         "class_weight_cap": 10.0,
     },
 }
@@ -64,6 +71,9 @@ def prepare(root: Path) -> None:
     report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / "work-ham"), 0.2, 42,
                                  max_train_per_class={"nevus": 600})
     print(json.dumps(report["per_split"], indent=1))
+    report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / "work-ham-mixed"), 0.2, 42,
+                                 max_train_per_class={"nevus": 600}, val_to_manifest=0.5)
+    print(json.dumps(report["val_to_manifest"], indent=1))
 
 
 def _probs(model, pixels: list[np.ndarray], size: int) -> np.ndarray:
@@ -96,13 +106,15 @@ def shipped_figures(probs: np.ndarray, labels: np.ndarray, card: dict) -> dict:
 
 
 def measure(version_dir: str, s, root: Path) -> dict:
-    from melanoma import ham10000, images, metrics, registry, storage, train
+    """9-class validation rows (whatever else the recipe validated on) and HAM-test, at the shipped settings."""
+    from melanoma import dataset, ham10000, images, metrics, registry, storage, train
     from melanoma.config import CLASS_NAMES, MELANOMA
 
     loaded = registry.load(version_dir)
     model, card = loaded.model, loaded.card
     size = card["input_size"][0]
     _, val = train.training_tables(card["data_uri"])
+    val = val[val["image_id"].isin(set(dataset.read_manifest(str(root / DATA["aug"]))["image_id"]))]
     decoded = [images.decode(storage.read_bytes(u), s.max_image_pixels, s.max_decoded_side) for u in val["uri"]]
     labels = val["label_index"].to_numpy()
     out = {"val_shipped": shipped_figures(_probs(model, decoded, size), labels, card), "shapes": {}}
@@ -112,14 +124,14 @@ def measure(version_dir: str, s, root: Path) -> dict:
     # scoring resizes to Settings.image_size, not to the card's input size: what a mismatch costs
     for other in sorted({128, 180} - {size}):
         out["shapes"][f"pipeline resizes to {other}"] = shipped_figures(_probs(model, decoded, other), labels, card)
-    ham_val = ham10000.read_val(str(root / "work-ham"))
-    pixels = [images.decode(storage.read_bytes(u), s.max_image_pixels, s.max_decoded_side) for u in ham_val["uri"]]
+    ham_test = ham10000.read_val(str(root / DATA["ham-mixed"]))  # never seen by any recipe
+    pixels = [images.decode(storage.read_bytes(u), s.max_image_pixels, s.max_decoded_side) for u in ham_test["uri"]]
     ham_probs = _probs(model, pixels, size)
-    ham_labels = ham_val["label_index"].to_numpy()
-    out["ham_val_shipped"] = shipped_figures(ham_probs, ham_labels, card)
-    # HAM's own cross-fitted figures (temperature and threshold refitted on halves of HAM val)
+    ham_labels = ham_test["label_index"].to_numpy()
+    out["ham_test_shipped"] = shipped_figures(ham_probs, ham_labels, card)
+    # HAM-test's own cross-fitted figures (temperature and threshold refitted on halves of it)
     cal = metrics.calibrate(ham_probs, ham_labels, CLASS_NAMES.index(MELANOMA), s.target_sensitivity, s.seed)
-    out["ham_val_refit_held_out"] = cal["held_out"]
+    out["ham_test_refit_held_out"] = cal["held_out"]
     return out
 
 
@@ -156,7 +168,7 @@ def run(root: Path, names: list[str], epochs: int | None, workers: int) -> None:
         }
         result |= measure(version_dir, s, root)
         (root / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps({k: result[k] for k in ("recipe", "training_seconds", "val", "ham_val_shipped")}, indent=1))
+        print(json.dumps({k: result[k] for k in ("recipe", "training_seconds", "val", "ham_test_shipped")}, indent=1))
     ray.shutdown()
 
 
@@ -166,6 +178,7 @@ def remeasure(root: Path) -> None:
 
     for p in sorted((root / "results").glob("*.json")):
         result = json.loads(p.read_text())
+        result = {k: v for k, v in result.items() if not k.startswith("ham_val")}  # measured on the whole HAM val
         result |= measure(os.path.join(str(root / "models"), result["version"]), settings(), root)
         p.write_text(json.dumps(result, indent=2))
 
@@ -174,15 +187,17 @@ def table(root: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
-        "| recipe | epochs | train imgs | BA | mel AUC | sens (held-out) | spec (held-out) | ECE (held-out) | train wall s | HAM-val AUC | HAM-val sens / spec @ shipped | HAM-val ECE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | epochs | train imgs | train wall s | 9-class val BA | 9-class val mel AUC | own val, held-out: sens / spec / ECE "
+        "| HAM-test BA | HAM-test mel AUC | HAM-test sens / spec @ shipped | HAM-test ECE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        v, h, ham = r["val"], r["val"]["held_out"], r["ham_val_shipped"]
+        v, h, ham = r["val_shipped"], r["val"]["held_out"], r["ham_test_shipped"]
         lines.append(
-            f"| {r['recipe']} | {r['epochs_run']} | {r['train_images']} | {f(v['balanced_accuracy'])} | {f(v['melanoma_auc'])} | "
-            f"{f(h['sensitivity'])} | {f(h['specificity'])} | {f(h['ece'])} | {r['training_seconds']:.0f} | "
-            f"{f(ham['melanoma_auc'])} | {f(ham['sensitivity'])} / {f(ham['specificity'])} | {f(ham['ece'])} |"
+            f"| {r['recipe']} | {r['epochs_run']} | {r['train_images']} | {r['training_seconds']:.0f} | "
+            f"{f(v['balanced_accuracy'])} | {f(v['melanoma_auc'])} | {f(h['sensitivity'])} / {f(h['specificity'])} / "
+            f"{f(h['ece'])} | {f(ham['balanced_accuracy'])} | {f(ham['melanoma_auc'])} | "
+            f"{f(ham['sensitivity'])} / {f(ham['specificity'])} | {f(ham['ece'])} |"
         )
     lines += ["", "| recipe | shape | BA | mel AUC | sens @ shipped | spec @ shipped | ECE |", "|---|---|---|---|---|---|---|"]
     for r in rows:

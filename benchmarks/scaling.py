@@ -443,7 +443,7 @@ def mode_archive(args) -> None:
         print_stats(stats)
         print(f"  after build: {load()}")
         print(f"listing (archive.list_inputs, best of {args.repeats}) and fetching (archive.fetch, one input at a "
-              f"time, as prepare does):")
+              f"time; archive.fetch_all, a batch at a time as prepare does):")
         for layout, first in (("loose", "part-00000"), ("shards", "shard-00000.tar")):
             uri, before = stats[layout]["uri"], load()
             seconds_one, rows_one = timed_listing(f"{uri}/{first}", args.repeats)
@@ -455,7 +455,7 @@ def mode_archive(args) -> None:
             if layout == "shards":
                 reads, nbytes = shard_listing_reads(uri)
                 print(f"    listing the shards read {nbytes / 2**20:.1f} MiB of {stats[layout]['bytes'] / 2**20:.1f} MiB "
-                      f"in {reads} reads (ranged GETs), one shard after another")
+                      f"in {reads} reads (ranged GETs), {archive.LIST_THREADS} shards at a time")
             else:
                 print(f"    (pyarrow lists recursively without a delimiter: {-(-rows // 1000)} ListObjectsV2 pages of <= 1000 keys)")
             sample = archive.list_inputs(uri)[0].head(args.fetches)
@@ -464,7 +464,16 @@ def mode_archive(args) -> None:
                 archive.fetch(row.image_uri, row.shard_uri, row.offset, row.size)
             per = (time.time() - started) / len(sample)
             print(f"    fetch: {per * 1000:.1f} ms per input ({len(sample)} sequential "
-                  f"{'GETs' if layout == 'loose' else 'ranged GETs'})\n    before: {before}\n    after:  {load()}")
+                  f"{'GETs' if layout == 'loose' else 'ranged GETs'})")
+            threads, reads = settings().fetch_threads, 0
+            started = time.time()
+            for start in range(0, len(sample), args.batch_size):
+                batch = sample.iloc[start : start + args.batch_size].reset_index(drop=True)
+                reads += len(archive._spans(batch))
+                archive.fetch_all(batch, threads)
+            per = (time.time() - started) / len(sample)
+            print(f"    fetch_all: {per * 1000:.2f} ms per input (batches of {args.batch_size}, {threads} threads; "
+                  f"{reads} reads for {len(sample)} inputs)\n    before: {before}\n    after:  {load()}")
         if args.no_score:
             return
         cluster = RayCluster(num_cpus=args.actors + 1, token=TOKEN, root_dir=Path(tmp) / "ray")

@@ -76,7 +76,7 @@ def _print_summary(summary: dict) -> None:
 def _score_settings(args):
     return settings(
         score_batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        model_uri=getattr(args, "model", None), archive_uri=getattr(args, "archive", None),
+        score_stall_seconds=args.stall_seconds, model_uri=getattr(args, "model", None), archive_uri=getattr(args, "archive", None),
         scores_uri=getattr(args, "output", None),
     )
 
@@ -204,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--batch-size", type=int, default=d.score_batch_size)
         c.add_argument("--actors", type=int, default=d.actors, help="inference actors (each loads the model once)")
         c.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
+        c.add_argument("--stall-seconds", type=int, default=d.score_stall_seconds,
+                       help="abort a run in which nothing is scored for this long (a frozen endpoint, missing CPUs)")
         c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
     c = command("score", _score, "Score every image under an archive prefix into a Hive-partitioned Parquet dataset.")

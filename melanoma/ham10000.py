@@ -62,6 +62,22 @@ def _sha256(uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
+def _pick_lesions(rows: pd.DataFrame, fraction: float, rng: np.random.Generator) -> tuple[set[str], list[str]]:
+    """(about `fraction` of the lesions of each label, the other lesions in seeded order). A label with two or
+    more lesions gives at least one to each side."""
+    lesions = rows.groupby("lesion_id")["label"].first()
+    picked: set[str] = set()
+    others: list[str] = []
+    for label in sorted(lesions.unique()):
+        members = rng.permutation(np.array(sorted(lesions[lesions == label].index)))
+        n = int(round(len(members) * fraction))
+        if len(members) >= 2:
+            n = min(max(n, 1), len(members) - 1)
+        picked.update(members[:n])
+        others += list(members[n:])
+    return picked, others
+
+
 def lesion_split(
     meta: pd.DataFrame,
     exclude: pd.DataFrame,
@@ -79,17 +95,7 @@ def lesion_split(
     touching = meta["image_id"].isin(set(exclude["image_id"])) | meta["sha256"].isin(set(exclude["sha256"]))
     dropped_lesions = set(meta.loc[touching, "lesion_id"])
     keep = meta[~meta["lesion_id"].isin(dropped_lesions)].drop_duplicates("sha256")
-    lesions = keep.groupby("lesion_id")["label"].first()
-    rng = np.random.default_rng(seed)
-    val_lesions: set[str] = set()
-    train_order: list[str] = []
-    for label in sorted(lesions.unique()):
-        members = rng.permutation(np.array(sorted(lesions[lesions == label].index)))
-        n_val = int(round(len(members) * val_fraction))
-        if len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        val_lesions.update(members[:n_val])
-        train_order += list(members[n_val:])
+    val_lesions, train_order = _pick_lesions(keep, val_fraction, np.random.default_rng(seed))
     rows = keep.copy()
     rows["split"] = np.where(rows["lesion_id"].isin(val_lesions), "val", "train")
     subsampled = 0
@@ -127,16 +133,32 @@ def build_work(
     seed: int = 42,
     max_train_per_class: int | dict[str, int] | None = None,
     with_augmented: bool = False,
+    val_to_manifest: float = 0.0,
 ) -> dict:
     """out/manifest.parquet = the 9-class manifest + HAM training rows; out/ham_val.parquet = HAM validation
-    rows; out/ham_audit.json. With `with_augmented`, the 9-class Augmentor records are copied too."""
+    rows; out/ham_audit.json. With `with_augmented`, the 9-class Augmentor records are copied too.
+
+    `val_to_manifest` > 0 moves that fraction of the HAM validation lesions (stratified, seeded) into the
+    manifest's validation split, so early stopping, the temperature and the alert threshold are fitted on
+    both sources, not on a split in which the image source predicts the class (docs/quality.md); the other
+    HAM validation lesions stay in ham_val.parquet, untouched by training, as the test set."""
+    if not 0 <= val_to_manifest < 1:
+        raise dataset.DatasetError(f"val_to_manifest must be in [0, 1), got {val_to_manifest}")
     storage.check_writable(out_uri)
     manifest = dataset.read_manifest(work_uri)
     meta = read_metadata(ham_root)
     meta["sha256"] = [_sha256(u) for u in meta["uri"]]
     rows, report = lesion_split(meta, manifest, val_fraction, seed, max_train_per_class)
-    train = rows[rows["split"] == "train"][dataset.MANIFEST_COLUMNS + ["split"]]
-    combined = pd.concat([manifest, train], ignore_index=True)
+    val = rows[rows["split"] == "val"]
+    moved = _pick_lesions(val, val_to_manifest, np.random.default_rng(seed + 1))[0] if val_to_manifest else set()
+    in_manifest = rows[(rows["split"] == "train") | rows["lesion_id"].isin(moved)]
+    rows = rows[~rows["lesion_id"].isin(moved)]
+    report["val_to_manifest"] = {
+        "fraction": val_to_manifest,
+        "lesions": len(moved),
+        "per_class": {k: int(v) for k, v in in_manifest.loc[in_manifest["split"] == "val", "label"].value_counts().sort_index().items()},
+    }
+    combined = pd.concat([manifest, in_manifest[dataset.MANIFEST_COLUMNS + ["split"]]], ignore_index=True)
     audit_uri = storage.join(work_uri, "audit.json")
     if storage.exists(audit_uri):
         storage.write_bytes(storage.join(out_uri, "audit.json"), storage.read_bytes(audit_uri))

@@ -117,3 +117,31 @@ def test_bad_val_fraction(tmp_path):
     with pytest.raises(dataset.DatasetError, match="val_fraction"):
         ham10000.lesion_split(pd.DataFrame(columns=["image_id", "lesion_id", "label", "uri", "sha256"]),
                               pd.DataFrame({"image_id": [], "sha256": []}), 1.5, 0)
+
+
+def test_part_of_ham_validation_joins_the_manifest_validation_and_the_rest_stays_untouched(tmp_path):
+    ham_root = tmp_path / "ham"
+    meta = build_ham(ham_root, 10, 2)
+    work = nine_class_work(tmp_path, ham_root, meta)
+    ham10000.build_work(str(work), str(ham_root), str(tmp_path / "plain"), 0.4, 7)
+    report = ham10000.build_work(str(work), str(ham_root), str(tmp_path / "mixed"), 0.4, 7, val_to_manifest=0.5)
+    whole_val = ham10000.read_val(str(tmp_path / "plain"))
+    test = ham10000.read_val(str(tmp_path / "mixed"))
+    manifest, plain_manifest = dataset.read_manifest(str(tmp_path / "mixed")), dataset.read_manifest(str(tmp_path / "plain"))
+    nine = dataset.read_manifest(str(work))
+    moved = manifest[(manifest["split"] == "val") & ~manifest["image_id"].isin(nine["image_id"])]
+    # the HAM validation rows are split between the manifest's validation and the test set, by lesion
+    assert sorted(moved["image_id"].tolist() + test["image_id"].tolist()) == sorted(whole_val["image_id"])
+    lesion = meta.set_index("image_id")["lesion_id"]
+    assert not set(lesion[moved["image_id"]]) & set(lesion[test["image_id"]])
+    assert report["val_to_manifest"]["lesions"] == len(set(lesion[moved["image_id"]])) > 0
+    assert set(moved["label"]) == set(test["label"]) == set(ham10000.HAM_TO_CLASS.values())  # every class both sides
+    # training rows are those of the plain build; validation now covers both sources
+    pd.testing.assert_frame_equal(
+        manifest[manifest["split"] == "train"].reset_index(drop=True),
+        plain_manifest[plain_manifest["split"] == "train"].reset_index(drop=True),
+    )
+    _, val_rows = train.training_tables(str(tmp_path / "mixed"))
+    assert len(val_rows) == (nine["split"] == "val").sum() + len(moved)
+    with pytest.raises(dataset.DatasetError, match="val_to_manifest"):
+        ham10000.build_work(str(work), str(ham_root), str(tmp_path / "bad"), 0.4, 7, val_to_manifest=1.0)
