@@ -47,6 +47,20 @@ def _augment(args) -> None:
     print(f"augmented: {len(samples)} samples from the training split -> {args.work}/{augment.AUGMENTED_DIR}")
 
 
+def _ham10000(args) -> None:
+    from melanoma import ham10000
+
+    caps = {"nevus": args.max_train_nevus} if args.max_train_nevus else None
+    report = ham10000.build_work(args.work, args.ham, args.out, args.val_fraction, args.seed, caps,
+                                 val_to_manifest=args.val_to_manifest)
+    train_n = sum(report["per_split"]["train"].values())
+    moved = sum(report["val_to_manifest"]["per_class"].values())
+    test_n = sum(report["per_split"]["val"].values()) - moved
+    print(f"HAM10000: {train_n} training images, {moved} validation images joined the manifest, {test_n} held out in "
+          f"{args.out}/{ham10000.HAM_VAL}; {report['dropped_lesions_touching_9class']} lesions dropped (already in "
+          f"{args.work}) -> {args.out}")
+
+
 def _train(args) -> None:
     from melanoma import runtime, train
 
@@ -184,6 +198,17 @@ def parser() -> argparse.ArgumentParser:
     group = c.add_mutually_exclusive_group()
     group.add_argument("--target-per-class", type=int, help="grow every class to this many images (default: the largest class)")
     group.add_argument("--add-per-class", type=int, help="add this many samples to every class (the seed notebook added 500)")
+    c.add_argument("--seed", type=int, default=d.seed)
+
+    c = command("ham10000", _ham10000, "Add HAM10000 images to a split's training (and validation) data, split by lesion.")
+    c.add_argument("work", help="work directory from `split`")
+    c.add_argument("--ham", required=True, help="HAM10000 root: HAM10000_metadata.csv and images/<image_id>.jpg")
+    c.add_argument("--out", required=True, help="new work directory for `melanoma train --data`, local or s3://")
+    c.add_argument("--val-fraction", type=float, default=d.val_fraction, help="of HAM lesions, held out from training")
+    c.add_argument("--val-to-manifest", type=float, default=0.5,
+                   help="of those held-out lesions, joining the validation split (early stopping, calibration); "
+                        "the rest stay untouched in ham_val.parquet as a test set")
+    c.add_argument("--max-train-nevus", type=int, default=600, help="cap on HAM nevus training images (0: all)")
     c.add_argument("--seed", type=int, default=d.seed)
 
     c = command("train", _train, "Train on Ray Train, evaluate and calibrate on validation, publish to the model registry.")

@@ -270,6 +270,7 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFra
         warnings.simplefilter("ignore", DeprecationWarning)  # "substring matching will be deprecated": ours are literal
         ctx.retried_io_errors = RETRIED_IO_ERRORS
     ctx.execution_no_progress_timeout_s = float(s.score_stall_seconds)
+    _warn_if_actors_take_every_cpu(s)
     try:
         threads = max(int(s.cpus_per_actor), 1)
         (
@@ -313,6 +314,20 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFra
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ctx.retried_io_errors, ctx.execution_no_progress_timeout_s = saved
+
+
+def _warn_if_actors_take_every_cpu(s: Settings) -> None:
+    """Ray Data's read and write tasks need a CPU of their own: an actor pool that holds every CPU of the cluster
+    never gets input (measured: the run stands still). An autoscaler may still add nodes, so this only warns."""
+    if not ray.is_initialized():
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if s.actors * s.cpus_per_actor >= cpus:
+        log.warning(
+            "%d actors x %g CPUs take all %g CPUs of the cluster and leave none for reading inputs: the run waits for "
+            "the autoscaler to add a node, or stops after %d s; use --actors %d here",
+            s.actors, s.cpus_per_actor, cpus, s.score_stall_seconds, max(int((cpus - 1) // max(s.cpus_per_actor, 1e-9)), 1),
+        )
 
 
 def _finish_interrupted_commits(checkpoints_uri: str) -> int:

@@ -193,3 +193,15 @@ def test_killed_run_resumes_exactly_once(ray_cluster, s3, trained_model, shared_
     assert len({r["image_uri"] for r in rows}) == len(rows) == 404
     assert not storage.exists(staging)
     assert not storage.exists(f"{output}/_checkpoints/run_date={RUN_DATE}")
+
+
+@pytest.mark.timeout(120)
+def test_an_actor_pool_that_takes_every_cpu_is_named_before_the_run(ray_client, caplog):
+    """The 4-CPU test cluster: 4 one-CPU actors leave no CPU for reads (a run stands still), 3 do."""
+    with caplog.at_level("WARNING", logger="melanoma.score"):
+        score._warn_if_actors_take_every_cpu(settings(actors=3, cpus_per_actor=1.0))
+        assert not caplog.records
+        score._warn_if_actors_take_every_cpu(settings(actors=4, cpus_per_actor=1.0, score_stall_seconds=90))
+    (record,) = caplog.records
+    assert "4 actors x 1 CPUs take all 4 CPUs" in record.getMessage()
+    assert "stops after 90 s; use --actors 3 here" in record.getMessage()

@@ -3,6 +3,7 @@ the 9-class set (by id or by content), lesion-level split, subsampling, and the 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -145,3 +146,24 @@ def test_part_of_ham_validation_joins_the_manifest_validation_and_the_rest_stays
     assert len(val_rows) == (nine["split"] == "val").sum() + len(moved)
     with pytest.raises(dataset.DatasetError, match="val_to_manifest"):
         ham10000.build_work(str(work), str(ham_root), str(tmp_path / "bad"), 0.4, 7, val_to_manifest=1.0)
+
+
+def test_cli_builds_the_mixed_validation_work_dir(tmp_path, capsys):
+    from melanoma import cli
+
+    ham_root = tmp_path / "ham"
+    meta = build_ham(ham_root, 10, 2)
+    work = nine_class_work(tmp_path, ham_root, meta)
+    out = tmp_path / "out"
+    assert cli.main(["ham10000", str(work), "--ham", str(ham_root), "--out", str(out), "--val-fraction", "0.4",
+                     "--max-train-nevus", "4"]) == 0
+    manifest, test = dataset.read_manifest(str(out)), ham10000.read_val(str(out))
+    report = json.loads((out / "ham_audit.json").read_text())
+    moved = sum(report["val_to_manifest"]["per_class"].values())
+    assert report["val_to_manifest"]["fraction"] == 0.5 and moved > 0
+    assert len(manifest) == len(dataset.read_manifest(str(work))) + report["per_split"]["train"]["nevus"] + moved + sum(
+        n for label, n in report["per_split"]["train"].items() if label != "nevus")
+    assert report["per_split"]["train"]["nevus"] == 4
+    assert f"{moved} validation images joined the manifest, {len(test)} held out" in capsys.readouterr().out
+    assert cli.main(["ham10000", str(tmp_path / "missing"), "--ham", str(ham_root), "--out", str(tmp_path / "o2")]) == 1
+    assert not (tmp_path / "o2" / "manifest.parquet").exists()
