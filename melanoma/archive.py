@@ -128,8 +128,11 @@ def fetch_all(rows: pd.DataFrame, threads: int) -> list[bytes | storage.StorageE
         return [(p, data[int(rows["offset"].iat[p]) - offset :][: int(rows["size"].iat[p])]) for p in positions]
 
     out: list[bytes | storage.StorageError] = [b""] * len(rows)
-    with ThreadPoolExecutor(max(threads, 1)) as pool:
+    pool = ThreadPoolExecutor(max(threads, 1))
+    try:
         for results in pool.map(read, _spans(rows)):
             for position, value in results:
                 out[position] = value
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a StorageUnavailable, no more reads against a dead endpoint
     return out

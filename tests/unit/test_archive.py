@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tarfile
 
+import pytest
+
 from melanoma import archive, storage
 from tests.helpers import make_image
 
@@ -70,3 +72,18 @@ def test_fetch_all_gives_a_missing_file_its_own_error_and_reads_the_rest(tmp_pat
     fetched = archive.fetch_all(inputs, threads=2)
     assert isinstance(fetched[0], storage.StorageError) and "l0.jpg: no such file" in str(fetched[0])
     assert fetched[1:] == [content[u[len(str(tmp_path)) + 1 :]] for u in inputs["image_uri"][1:]]
+
+
+def test_fetch_all_raises_storage_unavailable_and_stops_reading(tmp_path, monkeypatch):
+    _archive(tmp_path, shards=0, loose=40)
+    inputs, _ = archive.list_inputs(str(tmp_path))
+    calls = []
+
+    def dead_endpoint(uri):
+        calls.append(uri)
+        raise storage.StorageUnavailable(f"{uri}: cannot reach the S3 endpoint")
+
+    monkeypatch.setattr(storage, "read_bytes", dead_endpoint)
+    with pytest.raises(storage.StorageUnavailable, match="cannot reach"):
+        archive.fetch_all(inputs, threads=2)
+    assert len(calls) < len(inputs)  # queued reads were cancelled
