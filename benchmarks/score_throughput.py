@@ -9,7 +9,8 @@ Prints images/s of each and the ratio b/a (target >= 0.9), then the peak memory 
 driver and every Ray process it started, not the S3 server) of the scoring job on the archive once (10k)
 and `--repeat` times under other keys (40k); streaming means the two should be within 1.1x. Also printed:
 (c) the same pipeline reading the same files from local disk, and the S3 server's share of the machine's
-CPU during (b): both say how much of the gap between (a) and (b) is the storage server sharing the cores.
+CPU during (b): both say how much of the gap between (a) and (b) is the storage server sharing the cores;
+and (b') the same images uploaded as tar shards of 1,000, which cost the server one ranged read per batch.
 
 The model is the default architecture, untrained: throughput does not depend on the weights.
 """
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from make_archive import build
 
 
 def publish_untrained(model_dir: str) -> None:
@@ -150,7 +152,8 @@ def main() -> None:
         publish_untrained(model_dir)
         for copy in range(args.repeat):
             upload(files, f"{bucket}/archive/copy-{copy}")
-        print(f"{len(files)} images uploaded {args.repeat} times under other keys")
+        build(f"{bucket}/tar", files, copies=1, layouts=("shards",))
+        print(f"{len(files)} images uploaded {args.repeat} times under other keys, and once as tar shards of 1,000")
 
         plain = plain_loop(files, model_dir, args.batch_size)
         print(f"(a) plain loop, local files, 1 process : {plain:7.1f} img/s")
@@ -163,7 +166,7 @@ def main() -> None:
         for f in files:
             (local / f.name).symlink_to(f.resolve())
         runs = (("10k", f"{bucket}/archive/copy-0"), (f"{len(files) * args.repeat // 1000}k", f"{bucket}/archive"),
-                ("local", str(local)))
+                ("local", str(local)), ("shards", f"{bucket}/tar/shards"))
         for label, prefix in runs:
             server_cpu, busy = cpu_seconds(server.pid), machine_busy_seconds()
             with PeakMemory(exclude=server.pid) as memory:
@@ -177,6 +180,9 @@ def main() -> None:
     print(f"(b) melanoma score from S3, {args.actors} actors  : {rate:7.1f} img/s ({rows} rows, whole job; "
           f"the S3 server used {share:.0%} of the machine's busy CPU)")
     print(f"ratio b/a: {rate / plain:.2f} (target >= 0.9)")
+    rows, rate, _, share = results.pop("shards")
+    print(f"(b') the same images as tar shards on S3: {rate:7.1f} img/s ({rows} rows, whole job; S3 server "
+          f"{share:.0%} of the busy CPU); ratio b'/a: {rate / plain:.2f}")
     rows, rate, _, _ = results.pop("local")
     print(f"(c) melanoma score from local disk     : {rate:7.1f} img/s ({rows} rows, whole job); ratio c/a: {rate / plain:.2f}")
     for label, (rows, rate, peak, _) in results.items():
