@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from melanoma import archive, storage
-from tests.helpers import make_image
+from helpers import make_image
 
 
 def _archive(root, shards=2, per_shard=5, loose=3):
