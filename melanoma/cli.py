@@ -306,9 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except _user_errors() as exc:
+        _stop_worker_logs()
         print(f"melanoma {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return code or 0
+
+
+def _stop_worker_logs() -> None:
+    """Ray forwards worker output to this terminal from a background thread; a worker's message about the same
+    failure can arrive after ours. Disconnecting first keeps the one-line error the last line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":
