@@ -28,13 +28,18 @@ import numpy as np
 from PIL import Image
 
 SHARED = Path("/work/shared/data")
-DATA = {"aug": "work", "plain": "work-plain", "ham": "work-ham", "ham-mixed": "work-ham-mixed"}
+DATA = {
+    "aug": "work", "plain": "work-plain", "ham": "work-ham", "ham-mixed": "work-ham-mixed",
+    "ham-mixed-nv2000": "work-ham-mixed-nv2000",
+}
 
 # name -> Settings overrides + which work dir. "aug" = Augmentor-rebalanced 9-class training split,
 # "plain" = the 9-class training split only (class-weighted loss, weights capped at 10),
 # "ham" = plain + HAM10000 lesion-split training rows (nevus capped at 600 images), validated on the 9-class split;
 # "ham-mixed" = the same training rows, validated (early stopping, temperature, alert threshold) on the 9-class
-# split plus half of the HAM validation lesions; the other half is HAM-test, the held-out set of every recipe.
+# split plus half of the HAM validation lesions; the other half is HAM-test, the held-out set of every recipe;
+# "ham-mixed-nv2000" = the same, with up to 2,000 HAM nevi in training instead of 600 (validation is never
+# subsampled, so its validation split and HAM-test are the same images).
 RECIPES: dict[str, dict] = {
     "seed-cnn": {"arch": "seed-cnn", "image_size": 180, "data": "aug", "epochs": 3, "lr_schedule": "constant"},
     "residual-sep": {"arch": "residual-sep", "image_size": 180, "data": "aug", "epochs": 8, "lr_schedule": "constant"},
@@ -50,6 +55,10 @@ RECIPES: dict[str, dict] = {
     "v2-ham-mixed": {
         "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed", "epochs": 12, "lr_schedule": "cosine",
         "class_weight_cap": 10.0,
+    },
+    "v2-ham-mixed-nv2000": {
+        "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed-nv2000", "epochs": 20,
+        "lr_schedule": "cosine", "class_weight_cap": 10.0,
     },
 }
 SHAPES = ((224, 224), (600, 450))
@@ -68,12 +77,15 @@ def prepare(root: Path) -> None:
     plain.mkdir(parents=True, exist_ok=True)
     for name in (dataset.MANIFEST, "audit.json"):
         storage.write_bytes(str(plain / name), (work / name).read_bytes())
-    report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / "work-ham"), 0.2, 42,
-                                 max_train_per_class={"nevus": 600})
-    print(json.dumps(report["per_split"], indent=1))
-    report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / "work-ham-mixed"), 0.2, 42,
-                                 max_train_per_class={"nevus": 600}, val_to_manifest=0.5)
-    print(json.dumps(report["val_to_manifest"], indent=1))
+    ham = {  # data dir -> (nevus cap, fraction of HAM validation lesions moved into the validation split)
+        "ham": (600, 0.0), "ham-mixed": (600, 0.5), "ham-mixed-nv2000": (2000, 0.5),
+    }
+    for name, (nevi, to_manifest) in ham.items():
+        if (root / DATA[name] / dataset.MANIFEST).exists():
+            continue
+        report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / DATA[name]), 0.2, 42,
+                                     max_train_per_class={"nevus": nevi}, val_to_manifest=to_manifest)
+        print(name, json.dumps(report["per_split"], indent=1))
 
 
 def _probs(model, pixels: list[np.ndarray], size: int) -> np.ndarray:
