@@ -10,7 +10,9 @@ driver and every Ray process it started, not the S3 server) of the scoring job o
 and `--repeat` times under other keys (40k); streaming means the two should be within 1.1x. Also printed:
 (c) the same pipeline reading the same files from local disk, and the S3 server's share of the machine's
 CPU during (b): both say how much of the gap between (a) and (b) is the storage server sharing the cores;
-and (b') the same images uploaded as tar shards of 1,000, which cost the server one ranged read per batch.
+(b') the same images uploaded as tar shards of 1,000, which cost the server one ranged read per batch;
+(d) the CPU that reading the images from S3 costs (client and server), and the best b it leaves on these cores;
+(e) the wall time of a one-batch run: the start-up every run pays.
 
 The model is the default architecture, untrained: throughput does not depend on the weights.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,17 +58,37 @@ def upload(files: list[Path], prefix: str) -> None:
         list(pool.map(lambda f: storage.write_bytes(f"{prefix}/{f.name}", f.read_bytes()), files))
 
 
-def plain_loop(files: list[Path], model_dir: str, batch: int) -> float:
+def own_cpu_seconds() -> float:
+    """CPU-seconds of this process, every thread."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def plain_loop(files: list[Path], model_dir: str, batch: int) -> tuple[float, float]:
+    """(images/s, CPU-seconds per image)."""
     from melanoma import images, registry
     from melanoma.config import settings
 
     s = settings()  # TensorFlow's default threading: every core of the machine
     net = registry.load(model_dir).model
-    started = time.time()
+    started, cpu = time.time(), own_cpu_seconds()
     for i in range(0, len(files), batch):
         pixels = [images.resize(images.decode(f.read_bytes(), s.max_image_pixels, s.max_decoded_side), s.image_size) for f in files[i : i + batch]]
         net.predict_on_batch(np.stack(pixels).astype(np.float32))
-    return len(files) / (time.time() - started)
+    return len(files) / (time.time() - started), (own_cpu_seconds() - cpu) / len(files)
+
+
+def fetch_cpu_seconds(prefix: str, batch: int, server_pid: int) -> tuple[float, float]:
+    """(client, S3 server) CPU-seconds per image of reading every image under prefix the way `prepare` does:
+    work the plain loop does not have, done on the same cores here."""
+    from melanoma import archive
+    from melanoma.config import settings
+
+    rows, _ = archive.list_inputs(prefix)
+    client, server = own_cpu_seconds(), cpu_seconds(server_pid)
+    for i in range(0, len(rows), batch):
+        archive.fetch_all(rows.iloc[i : i + batch], settings().fetch_threads)
+    return (own_cpu_seconds() - client) / len(rows), (cpu_seconds(server_pid) - server) / len(rows)
 
 
 def cold_start_seconds(model_dir: str) -> float:
@@ -165,15 +188,28 @@ def main() -> None:
         build(f"{bucket}/tar", files, copies=1, layouts=("shards",))
         print(f"{len(files)} images uploaded {args.repeat} times under other keys, and once as tar shards of 1,000")
 
-        plain = plain_loop(files, model_dir, args.batch_size)
-        print(f"(a) plain loop, local files, 1 process : {plain:7.1f} img/s (TensorFlow imported, model loaded)")
+        plain, plain_cpu = plain_loop(files, model_dir, args.batch_size)
+        print(f"(a) plain loop, local files, 1 process : {plain:7.1f} img/s (TensorFlow imported, model loaded; "
+              f"{plain_cpu * 1000:.2f} ms of CPU per image)")
         cold = cold_start_seconds(model_dir)
         plain_cold = len(files) / (len(files) / plain + cold)
         print(f"(a') the same counting its own start-up  : {plain_cold:7.1f} img/s (a fresh process imports TensorFlow "
               f"and loads the model in {cold:.1f} s; the scoring job's times include that)")
 
+        client, served = fetch_cpu_seconds(f"{bucket}/archive/copy-0", args.batch_size, server.pid)
+        cores = os.cpu_count()
+        best = cores / (plain_cpu + client + served)  # images/s if every core did only the plain loop's work and the reads
+        print(f"(d) reading the images from S3 costs {(client + served) * 1000:.2f} ms of CPU per image (client "
+              f"{client * 1000:.2f}, S3 server {served * 1000:.2f}) on the same {cores} cores: with nothing else "
+              f"added and every core busy, b could reach at most {best:.1f} img/s, b/a {best / plain:.2f}")
+
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         s = settings(actors=args.actors, score_batch_size=args.batch_size)
+        upload(files[: args.batch_size], f"{bucket}/one-batch")
+        started = time.time()
+        score.score(s, model_dir, f"{bucket}/one-batch", f"{bucket}/scores-one-batch", "2026-11-25")
+        print(f"(e) a run of one batch ({args.batch_size} images) takes {time.time() - started:.1f} s: the start-up "
+              f"every run pays (planning, {args.actors} actors importing TensorFlow and loading the model, commit)")
         results = {}
         local = Path(tmp) / "local"  # the same images as (a), read by the pipeline from local disk
         local.mkdir()

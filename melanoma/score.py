@@ -259,7 +259,10 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFra
     with _one_line(output_uri):
         _finish_interrupted_commits(_internal(output_uri, "checkpoints", run_date))
     ctx = DataContext.get_current()
-    saved = ctx.retried_io_errors, ctx.execution_no_progress_timeout_s
+    saved = ctx.retried_io_errors, ctx.execution_no_progress_timeout_s, ctx.use_datasource_v2
+    # Ray Data's second Parquet reader (the default since 2.60) starts 32 footer-reader actors to read the one small
+    # inputs file: 2-3 s of every run's start-up on 2 cores (docs/capacity.md). The first reader reads it in one task.
+    ctx.use_datasource_v2 = False
     ctx.checkpoint_config = CheckpointConfig(
         id_column="image_uri",
         checkpoint_path=_internal(output_uri, "checkpoints", run_date),
@@ -274,7 +277,7 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFra
     try:
         threads = max(int(s.cpus_per_actor), 1)
         (
-            ray.data.read_parquet(inputs_path, filesystem=fs)
+            ray.data.read_parquet(inputs_path, filesystem=fs, override_num_blocks=1)
             # Small blocks stream through the actors and reach the writer (and the checkpoint) one by one.
             .repartition(target_num_rows_per_block=4 * s.score_batch_size)
             .map_batches(
@@ -313,7 +316,7 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFra
         ctx.checkpoint_config = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            ctx.retried_io_errors, ctx.execution_no_progress_timeout_s = saved
+            ctx.retried_io_errors, ctx.execution_no_progress_timeout_s, ctx.use_datasource_v2 = saved
 
 
 def _warn_if_actors_take_every_cpu(s: Settings) -> None:
