@@ -107,11 +107,17 @@ def shipped_figures(probs: np.ndarray, labels: np.ndarray, card: dict) -> dict:
     calibrated = metrics.temperature_scale(probs, card["temperature"])
     report = metrics.classification_report(calibrated, labels, list(CLASS_NAMES), MELANOMA)
     positive = labels == mel
+    # how far the AUC moves under resampling of these images: 1,000 bootstrap draws, 2.5th and 97.5th percentiles
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(labels), len(labels)) for _ in range(1000)]
+    aucs = [metrics.roc_auc(calibrated[d, mel], positive[d]) for d in draws]
     return {
         "n": int(len(labels)),
         "balanced_accuracy": report["balanced_accuracy"],
         "accuracy": report["accuracy"],
         "melanoma_auc": report["melanoma_auc"],
+        "melanoma_auc_95": [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))],
+        "recall": {name: [c["recall"], c["support"]] for name, c in report["per_class"].items() if c["support"]},
         "ece": metrics.expected_calibration_error(calibrated[:, mel], positive),
         **metrics.alert_report(calibrated[:, mel], positive, card["alert_threshold"]),
     }
@@ -200,17 +206,24 @@ def table(root: Path) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "| recipe | epochs | train imgs | train wall s | 9-class val BA | 9-class val mel AUC | own val, held-out: sens / spec / ECE "
-        "| HAM-test BA | HAM-test mel AUC | HAM-test sens / spec @ shipped | HAM-test ECE |",
+        "| HAM-test BA | HAM-test mel AUC (95% bootstrap) | HAM-test sens / spec @ shipped | HAM-test ECE |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v, h, ham = r["val_shipped"], r["val"]["held_out"], r["ham_test_shipped"]
+        low, high = ham["melanoma_auc_95"]
         lines.append(
             f"| {r['recipe']} | {r['epochs_run']} | {r['train_images']} | {r['training_seconds']:.0f} | "
             f"{f(v['balanced_accuracy'])} | {f(v['melanoma_auc'])} | {f(h['sensitivity'])} / {f(h['specificity'])} / "
-            f"{f(h['ece'])} | {f(ham['balanced_accuracy'])} | {f(ham['melanoma_auc'])} | "
+            f"{f(h['ece'])} | {f(ham['balanced_accuracy'])} | {f(ham['melanoma_auc'])} ({low:.3f}-{high:.3f}) | "
             f"{f(ham['sensitivity'])} / {f(ham['specificity'])} | {f(ham['ece'])} |"
         )
+    support = {c: n for c, (_, n) in rows[0]["ham_test_shipped"]["recall"].items()} if rows else {}
+    lines += ["", "| recipe | " + " | ".join(f"HAM-test recall: {c} (n={n})" for c, n in support.items()) + " |",
+              "|---|" + "---|" * len(support)]
+    classes = list(support)
+    for r in rows:
+        lines.append(f"| {r['recipe']} | " + " | ".join(f(r["ham_test_shipped"]["recall"][c][0]) for c in classes) + " |")
     lines += ["", "| recipe | shape | BA | mel AUC | sens @ shipped | spec @ shipped | ECE |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         for shape, m in [("as stored", r["val_shipped"])] + list(r["shapes"].items()):

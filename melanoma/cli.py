@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--val-to-manifest", type=float, default=0.5,
                    help="of those held-out lesions, joining the validation split (early stopping, calibration); "
                         "the rest stay untouched in ham_val.parquet as a test set")
-    c.add_argument("--max-train-nevus", type=int, default=600, help="cap on HAM nevus training images (0: all)")
+    c.add_argument("--max-train-nevus", type=int, default=2000, help="cap on HAM nevus training images (0: all)")
     c.add_argument("--seed", type=int, default=d.seed)
 
     c = command("train", _train, "Train on Ray Train, evaluate and calibrate on validation, publish to the model registry.")
