@@ -261,7 +261,8 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFra
     ctx = DataContext.get_current()
     saved = ctx.retried_io_errors, ctx.execution_no_progress_timeout_s, ctx.use_datasource_v2
     # Ray Data's second Parquet reader (the default since 2.60) starts 32 footer-reader actors to read the one small
-    # inputs file: 2-3 s of every run's start-up on 2 cores (docs/capacity.md). The first reader reads it in one task.
+    # inputs file: 2-3 s of every run's start-up on 2 cores (docs/capacity.md). The first reader reads it in one task,
+    # as one block (below), so the same images form the same batches whatever the layout they came from.
     ctx.use_datasource_v2 = False
     ctx.checkpoint_config = CheckpointConfig(
         id_column="image_uri",
