@@ -30,7 +30,7 @@ from PIL import Image
 SHARED = Path("/work/shared/data")
 DATA = {
     "aug": "work", "plain": "work-plain", "ham": "work-ham", "ham-mixed": "work-ham-mixed",
-    "ham-mixed-nv2000": "work-ham-mixed-nv2000",
+    "ham-mixed-nv2000": "work-ham-mixed-nv2000", "ham-mixed-all": "work-ham-mixed-all",
 }
 
 # name -> Settings overrides + which work dir. "aug" = Augmentor-rebalanced 9-class training split,
@@ -39,7 +39,7 @@ DATA = {
 # "ham-mixed" = the same training rows, validated (early stopping, temperature, alert threshold) on the 9-class
 # split plus half of the HAM validation lesions; the other half is HAM-test, the held-out set of every recipe;
 # "ham-mixed-nv2000" = the same, with up to 2,000 HAM nevi in training instead of 600 (validation is never
-# subsampled, so its validation split and HAM-test are the same images).
+# subsampled, so its validation split and HAM-test are the same images); "ham-mixed-all" = every HAM nevus.
 RECIPES: dict[str, dict] = {
     "seed-cnn": {"arch": "seed-cnn", "image_size": 180, "data": "aug", "epochs": 3, "lr_schedule": "constant"},
     "residual-sep": {"arch": "residual-sep", "image_size": 180, "data": "aug", "epochs": 8, "lr_schedule": "constant"},
@@ -60,6 +60,10 @@ RECIPES: dict[str, dict] = {
         "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed-nv2000", "epochs": 20,
         "lr_schedule": "cosine", "class_weight_cap": 10.0,
     },
+    "v2-ham-mixed-all": {
+        "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed-all", "epochs": 12,
+        "lr_schedule": "cosine", "class_weight_cap": 10.0,
+    },
 }
 SHAPES = ((224, 224), (600, 450))
 
@@ -77,14 +81,14 @@ def prepare(root: Path) -> None:
     plain.mkdir(parents=True, exist_ok=True)
     for name in (dataset.MANIFEST, "audit.json"):
         storage.write_bytes(str(plain / name), (work / name).read_bytes())
-    ham = {  # data dir -> (nevus cap, fraction of HAM validation lesions moved into the validation split)
-        "ham": (600, 0.0), "ham-mixed": (600, 0.5), "ham-mixed-nv2000": (2000, 0.5),
+    ham = {  # data dir -> (nevus cap or None, fraction of HAM validation lesions moved into the validation split)
+        "ham": (600, 0.0), "ham-mixed": (600, 0.5), "ham-mixed-nv2000": (2000, 0.5), "ham-mixed-all": (None, 0.5),
     }
     for name, (nevi, to_manifest) in ham.items():
         if (root / DATA[name] / dataset.MANIFEST).exists():
             continue
         report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / DATA[name]), 0.2, 42,
-                                     max_train_per_class={"nevus": nevi}, val_to_manifest=to_manifest)
+                                     max_train_per_class=nevi and {"nevus": nevi}, val_to_manifest=to_manifest)
         print(name, json.dumps(report["per_split"], indent=1))
 
 
