@@ -88,7 +88,7 @@ def prepare(root: Path) -> None:
         if (root / DATA[name] / dataset.MANIFEST).exists():
             continue
         report = ham10000.build_work(str(work), str(SHARED / "ham10000"), str(root / DATA[name]), 0.2, 42,
-                                     max_train_per_class=nevi and {"nevus": nevi}, val_to_manifest=to_manifest)
+                                     max_train_per_class=None if nevi is None else {"nevus": nevi}, val_to_manifest=to_manifest)
         print(name, json.dumps(report["per_split"], indent=1))
 
 
