@@ -114,7 +114,7 @@ def shipped_figures(probs: np.ndarray, labels: np.ndarray, card: dict) -> dict:
     # how far the AUC moves under resampling of these images: 1,000 bootstrap draws, 2.5th and 97.5th percentiles
     rng = np.random.default_rng(0)
     draws = [rng.integers(0, len(labels), len(labels)) for _ in range(1000)]
-    aucs = [metrics.roc_auc(calibrated[d, mel], positive[d]) for d in draws]
+    aucs = [a for a in (metrics.roc_auc(calibrated[d, mel], positive[d]) for d in draws) if a is not None]  # None: no melanoma drawn
     return {
         "n": int(len(labels)),
         "balanced_accuracy": report["balanced_accuracy"],

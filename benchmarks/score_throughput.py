@@ -85,9 +85,10 @@ def fetch_cpu_seconds(prefix: str, batch: int, server_pid: int) -> tuple[float, 
     from melanoma.config import settings
 
     rows, _ = archive.list_inputs(prefix)
+    threads = settings().fetch_threads
     client, server = own_cpu_seconds(), cpu_seconds(server_pid)
     for i in range(0, len(rows), batch):
-        archive.fetch_all(rows.iloc[i : i + batch], settings().fetch_threads)
+        archive.fetch_all(rows.iloc[i : i + batch], threads)
     return (own_cpu_seconds() - client) / len(rows), (cpu_seconds(server_pid) - server) / len(rows)
 
 
