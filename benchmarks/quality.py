@@ -60,6 +60,10 @@ RECIPES: dict[str, dict] = {
         "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed-nv2000", "epochs": 20,
         "lr_schedule": "cosine", "class_weight_cap": 10.0,
     },
+    "v2-ham-mixed-nv2000-s1": {  # the same recipe with another training seed: a second ensemble member
+        "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed-nv2000", "epochs": 20,
+        "lr_schedule": "cosine", "class_weight_cap": 10.0, "seed": 1,
+    },
     "v2-ham-mixed-all": {
         "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed-all", "epochs": 12,
         "lr_schedule": "cosine", "class_weight_cap": 10.0,
