@@ -9,10 +9,12 @@ the 9-class validation images re-sized to other shapes before the scoring path (
     python benchmarks/quality.py prepare --root /work/q
     # one recipe at a time (results/<recipe>.json under --root); --epochs overrides the recipe's epochs
     python benchmarks/quality.py run --root /work/q --recipes v2-plain --epochs 12
+    # ensembles of recipes already run (`melanoma ensemble`), measured the same way
+    python benchmarks/quality.py ensemble --root /work/q --ensembles ens-nv2000-2seeds
     # the markdown table of everything run so far
     python benchmarks/quality.py table --root /work/q
 
-Recipes are listed by `python benchmarks/quality.py list`.
+Recipes and ensembles are listed by `python benchmarks/quality.py list`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ RECIPES: dict[str, dict] = {
         "arch": "residual-sep-v2", "image_size": 128, "data": "ham-mixed-all", "epochs": 12,
         "lr_schedule": "cosine", "class_weight_cap": 10.0,
     },
+}
+# name -> member recipes, averaged by `melanoma ensemble` and calibrated on the validation split every member
+# validated on (9-class val + the validating half of the HAM lesions). Chosen before measuring: the seeds of the
+# recommended recipe, and every recipe validated on both sources.
+ENSEMBLES: dict[str, list[str]] = {
+    "ens-nv2000-2seeds": ["v2-ham-mixed-nv2000", "v2-ham-mixed-nv2000-s1"],
+    "ens-mixed-4": ["v2-ham-mixed", "v2-ham-mixed-nv2000", "v2-ham-mixed-nv2000-s1", "v2-ham-mixed-all"],
 }
 SHAPES = ((224, 224), (600, 450))
 
@@ -179,23 +188,48 @@ def run(root: Path, names: list[str], epochs: int | None, workers: int) -> None:
         started = time.time()
         card = train.train(s, data, str(root / "models"), run_name=run_name)
         wall = time.time() - started
-        version_dir = os.path.join(str(root / "models"), card["version"])
         result = {
-            "recipe": name, "settings": recipe | {"workers": workers}, "data_uri": data, "version": card["version"],
-            "epochs_run": card["epochs_run"], "train_images": card["train_images"], "val_images": card["val_images"],
-            "training_seconds": card["training_seconds"], "wall_seconds_incl_data_and_eval": round(wall, 1),
-            "epoch_seconds": [round(h["epoch_seconds"], 1) for h in card["history"]],
-            "history": card["history"],
-            "val": {
-                "balanced_accuracy": card["metrics"]["balanced_accuracy"], "melanoma_auc": card["metrics"]["melanoma_auc"],
-                "held_out": card["calibration"]["held_out"], "temperature": card["temperature"],
-                "alert_threshold": card["alert_threshold"], "in_sample_at_threshold": card["calibration"]["at_threshold"],
-            },
+            "recipe": name, "settings": recipe | {"workers": workers}, "epochs_run": card["epochs_run"],
+            "train_images": card["train_images"], "wall_seconds_incl_data_and_eval": round(wall, 1),
+            "epoch_seconds": [round(h["epoch_seconds"], 1) for h in card["history"]], "history": card["history"],
         }
-        result |= measure(version_dir, s, root)
-        (root / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps({k: result[k] for k in ("recipe", "training_seconds", "val", "ham_test_shipped")}, indent=1))
+        _save(root, result | _card_result(card) | measure(os.path.join(str(root / "models"), card["version"]), s, root))
     ray.shutdown()
+
+
+def combine(root: Path, names: list[str]) -> None:
+    """Average the published models of each ensemble's member recipes (results/<recipe>.json) into one model."""
+    from melanoma import ensemble
+    from melanoma.config import settings
+
+    s = settings()
+    for name in names:
+        members = [json.loads((root / "results" / f"{r}.json").read_text()) for r in ENSEMBLES[name]]
+        uris = [os.path.join(str(root / "models"), m["version"]) for m in members]
+        card = ensemble.combine(s, uris, str(root / DATA["ham-mixed-nv2000"]), str(root / "models"))
+        result = {
+            "recipe": name, "members": ENSEMBLES[name],
+            "epochs_run": "/".join(str(m["epochs_run"]) for m in members),
+            "train_images": "/".join(str(m["train_images"]) for m in members),
+        }
+        _save(root, result | _card_result(card) | measure(os.path.join(str(root / "models"), card["version"]), s, root))
+
+
+def _card_result(card: dict) -> dict:
+    return {
+        "data_uri": card["data_uri"], "version": card["version"], "val_images": card["val_images"],
+        "training_seconds": card["training_seconds"],
+        "val": {
+            "balanced_accuracy": card["metrics"]["balanced_accuracy"], "melanoma_auc": card["metrics"]["melanoma_auc"],
+            "held_out": card["calibration"]["held_out"], "temperature": card["temperature"],
+            "alert_threshold": card["alert_threshold"], "in_sample_at_threshold": card["calibration"]["at_threshold"],
+        },
+    }
+
+
+def _save(root: Path, result: dict) -> None:
+    (root / "results" / f"{result['recipe']}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("recipe", "training_seconds", "val", "ham_test_shipped")}, indent=1))
 
 
 def remeasure(root: Path) -> None:
@@ -210,7 +244,7 @@ def remeasure(root: Path) -> None:
 
 
 def table(root: Path) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
+    rows = sorted((json.loads(p.read_text()) for p in (root / "results").glob("*.json")), key=lambda r: ("members" in r, r["recipe"]))
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "| recipe | epochs | train imgs | train wall s | 9-class val BA | 9-class val mel AUC | own val, held-out: sens / spec / ECE "
@@ -250,6 +284,9 @@ def main() -> None:
     p.add_argument("--recipes", required=True, help=f"comma-separated: {', '.join(RECIPES)}")
     p.add_argument("--epochs", type=int, help="override every recipe's epoch count")
     p.add_argument("--workers", type=int, default=2)
+    p = sub.add_parser("ensemble", help="average published recipes into one model (after their `run`)")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--ensembles", required=True, help=f"comma-separated: {', '.join(ENSEMBLES)}")
     p = sub.add_parser("remeasure")
     p.add_argument("--root", type=Path, required=True)
     p = sub.add_parser("table")
@@ -261,12 +298,14 @@ def main() -> None:
         prepare(args.root)
     elif args.command == "run":
         run(args.root, args.recipes.split(","), args.epochs, args.workers)
+    elif args.command == "ensemble":
+        combine(args.root, args.ensembles.split(","))
     elif args.command == "remeasure":
         remeasure(args.root)
     elif args.command == "table":
         print(table(args.root))
     else:
-        print(json.dumps(RECIPES, indent=1))
+        print(json.dumps({"recipes": RECIPES, "ensembles": ENSEMBLES}, indent=1))
 
 
 if __name__ == "__main__":

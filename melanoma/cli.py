@@ -69,13 +69,22 @@ def _train(args) -> None:
         batch_size=args.batch_size, seed=args.seed, learning_rate=args.learning_rate,
     )
     runtime.connect(args.address)
-    card = train.train(s, args.data, args.model_dir, args.storage, args.run_name)
+    _print_card(train.train(s, args.data, args.model_dir, args.storage, args.run_name), args.model_dir)
+
+
+def _ensemble(args) -> None:
+    from melanoma import ensemble
+
+    _print_card(ensemble.combine(settings(), args.models, args.data, args.model_dir), args.model_dir)
+
+
+def _print_card(card: dict, model_dir: str) -> None:
     m, c = card["metrics"], card["calibration"]
     held_out = c["held_out"]
     print(
         f"model {card['version']}: balanced accuracy {m['balanced_accuracy']:.3f}, melanoma AUC {m['melanoma_auc']:.3f}, "
         f"alert threshold {c['alert_threshold']:.3f} (held-out sensitivity {held_out['sensitivity']:.2f}, "
-        f"specificity {held_out['specificity']:.2f}, ECE {held_out['ece']:.3f}) -> {args.model_dir}"
+        f"specificity {held_out['specificity']:.2f}, ECE {held_out['ece']:.3f}) -> {model_dir}"
     )
 
 
@@ -224,6 +233,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--storage", help="Ray Train storage for checkpoints (default <model-dir>/_runs)")
     c.add_argument("--run-name", help="rerunning with the same name resumes from its last checkpoint")
     c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+    c = command("ensemble", _ensemble, "Publish the average of several published models, calibrated on a validation split.")
+    c.add_argument("models", nargs="+", metavar="MODEL", help="version dirs (or model dirs: their 'latest'), local or s3://")
+    c.add_argument("--data", required=True,
+                   help="work directory whose validation split calibrates the ensemble; no member may have trained on it")
+    c.add_argument("--model-dir", required=True, help="registry root to publish to: <model-dir>/<version>/")
 
     def scoring_flags(c):
         c.add_argument("--batch-size", type=int, default=d.score_batch_size)

@@ -236,22 +236,27 @@ def _read_image(image_uri: str, shards: dict[str, dict[str, dict]]) -> bytes:
 
 def _grad_cam(loaded: registry.LoadedModel):
     """picture -> Grad-CAM (Selvaraju et al. 2017) of the melanoma probability, HxW in [0, 1] over the model input,
-    from the last layer with a 4-D output (the last convolutional feature map, before global pooling or flatten)."""
+    from the last layer with a 4-D output (the last convolutional feature map, before global pooling or flatten).
+    For an ensemble, the mean of its members' maps: its probability is the mean of theirs."""
     import keras
     import tensorflow as tf
 
-    model = loaded.model
-    cam_model = keras.Model(model.inputs, [_feature_layer(model).output, model.output])
     size = loaded.card.get("input_size", [settings().image_size])[0]
     positive = loaded.class_names.index(loaded.card.get("positive_class", MELANOMA))
+    members = [layer for layer in loaded.model.layers if isinstance(layer, keras.Model)] or [loaded.model]
+    cam_models = [keras.Model(m.inputs, [_feature_layer(m).output, m.output]) for m in members]
 
     def heat_of(picture: np.ndarray) -> np.ndarray:
         x = tf.convert_to_tensor(images.resize(picture, size)[None].astype(np.float32))
-        with tf.GradientTape() as tape:
-            features, probs = cam_model(x, training=False)
-            target = probs[:, positive]
-        weights = tf.reduce_mean(tape.gradient(target, features), axis=(1, 2))
-        cam = tf.nn.relu(tf.reduce_sum(features * weights[:, None, None, :], axis=-1))[0].numpy()
+        cams = []
+        for cam_model in cam_models:
+            with tf.GradientTape() as tape:
+                features, probs = cam_model(x, training=False)
+                target = probs[:, positive]
+            weights = tf.reduce_mean(tape.gradient(target, features), axis=(1, 2))
+            cam = tf.nn.relu(tf.reduce_sum(features * weights[:, None, None, :], axis=-1))
+            cams.append(tf.image.resize(cam[..., None], (size, size))[0, ..., 0].numpy())
+        cam = np.mean(cams, axis=0)
         return cam / cam.max() if cam.max() > 0 else cam
 
     return heat_of

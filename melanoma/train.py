@@ -294,40 +294,49 @@ def train(s: Settings, data_uri: str, model_dir: str, storage_uri: str | None = 
         with open(os.path.join(d, STATE_FILE)) as f:
             state = json.load(f)
         model = keras.models.load_model(os.path.join(d, BEST_MODEL), compile=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            model_file = os.path.join(tmp, registry.MODEL_FILE)
-            model.save(model_file)
-            evaluation = evaluate(model, val_rows, s)
-            card = {
-                "version": registry.new_version(s.arch),
-                "arch": s.arch,
-                "class_names": list(CLASS_NAMES),
-                "positive_class": MELANOMA,
-                "input_size": [s.image_size, s.image_size, 3],
-                "training_manifest_sha256": _file_sha256(storage.join(data_uri, dataset.MANIFEST)),
-                "data_uri": data_uri,
-                "split_seed": _split_seed(data_uri),
-                "seed": s.seed,
-                "train_images": len(train_rows),
-                "val_images": len(val_rows),
-                "epochs_run": state["epoch"],
-                "history": state["history"],
-                "workers": s.workers,
-                "recipe": {
-                    "image_size": s.image_size, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
-                    "lr_schedule": s.lr_schedule, "label_smoothing": s.label_smoothing,
-                    "class_weight_cap": s.class_weight_cap, "epochs": s.epochs, "patience": s.patience,
-                },
-                "run_name": run_name,
-                "training_seconds": round(time.time() - started, 1),
-                "metrics": {k: v for k, v in evaluation.items() if k != "calibration"},
-                "calibration": evaluation["calibration"],
-                "temperature": evaluation["calibration"]["temperature"],
-                "alert_threshold": evaluation["calibration"]["alert_threshold"],
-                "libraries": _library_versions(),
-                "created_at": datetime.now(timezone.utc).isoformat(),
-            }
-            target = registry.publish(model_dir, model_file, card)
+    facts = {
+        "arch": s.arch,
+        "train_images": len(train_rows),
+        "epochs_run": state["epoch"],
+        "history": state["history"],
+        "workers": s.workers,
+        "recipe": {
+            "image_size": s.image_size, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
+            "lr_schedule": s.lr_schedule, "label_smoothing": s.label_smoothing,
+            "class_weight_cap": s.class_weight_cap, "epochs": s.epochs, "patience": s.patience,
+        },
+        "run_name": run_name,
+        "training_seconds": round(time.time() - started, 1),
+    }
+    return publish_evaluated(model, s, data_uri, val_rows, model_dir, facts)
+
+
+def publish_evaluated(model, s: Settings, data_uri: str, val_rows: pd.DataFrame, model_dir: str, facts: dict) -> dict:
+    """Evaluate and calibrate `model` on the validation rows of `data_uri`, then publish it with a card of the
+    common fields plus `facts` (which must name the "arch"). Returns the card."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = os.path.join(tmp, registry.MODEL_FILE)
+        model.save(model_file)
+        evaluation = evaluate(model, val_rows, s)
+        card = {
+            "version": registry.new_version(facts["arch"]),
+            "class_names": list(CLASS_NAMES),
+            "positive_class": MELANOMA,
+            "input_size": [s.image_size, s.image_size, 3],
+            "training_manifest_sha256": _file_sha256(storage.join(data_uri, dataset.MANIFEST)),
+            "data_uri": data_uri,
+            "split_seed": _split_seed(data_uri),
+            "seed": s.seed,
+            "val_images": len(val_rows),
+            **facts,
+            "metrics": {k: v for k, v in evaluation.items() if k != "calibration"},
+            "calibration": evaluation["calibration"],
+            "temperature": evaluation["calibration"]["temperature"],
+            "alert_threshold": evaluation["calibration"]["alert_threshold"],
+            "libraries": _library_versions(),
+            "created_at": datetime.now(timezone.utc).isoformat(),
+        }
+        target = registry.publish(model_dir, model_file, card)
     log.info("published %s", target)
     return card
 
