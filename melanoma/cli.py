@@ -35,7 +35,7 @@ def _audit(args) -> None:
 def _split(args) -> None:
     from melanoma import dataset
 
-    manifest = dataset.make_split(args.data, args.out, args.val_fraction, args.seed, args.ground_truth)
+    manifest = dataset.make_split(args.data, args.out, args.val_fraction, args.seed, args.ground_truth, args.lesions)
     counts = manifest.groupby("split").size().to_dict()
     print(f"manifest: {len(manifest)} images ({counts.get('train', 0)} train, {counts.get('val', 0)} val) -> {args.out}")
 
@@ -199,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("data", help="dataset root, local or s3://")
     c.add_argument("--out", required=True, help="work directory for manifest.parquet and audit.json, local or s3://")
     c.add_argument("--ground-truth", help="resolve conflicting labels from this CSV (without it they are dropped)")
+    c.add_argument("--lesions", help="CSV with image_id and lesion_id (e.g. HAM10000_metadata.csv): split those images by lesion")
     c.add_argument("--val-fraction", type=float, default=d.val_fraction)
     c.add_argument("--seed", type=int, default=d.seed)
 

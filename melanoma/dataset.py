@@ -2,8 +2,9 @@
 
 A dataset is `<root>/<class name>/<image file>`. The manifest has one row per unique image content
 (sha256). Conflicting labels (the same content in two class folders) are dropped, or resolved from a
-ground-truth CSV when one is given and it names exactly one of the folders. The split is by image id,
-stratified by label, seeded, and made before any augmentation.
+ground-truth CSV when one is given and it names exactly one of the folders. The split is by image id, or
+by lesion for the images a lesion map knows (several photos of one lesion must not straddle train and
+validation), stratified by label, seeded, and made before any augmentation.
 """
 
 from __future__ import annotations
@@ -158,21 +159,35 @@ def build_manifest(files: pd.DataFrame, ground_truth: pd.Series | None = None) -
     return manifest
 
 
-def split(manifest: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
-    """Adds split = train | val, stratified by label, by image id: rows sharing an id never straddle."""
+def read_lesions(uri: str) -> pd.Series:
+    """image id -> lesion id, from a CSV with image_id and lesion_id columns (HAM10000's metadata has both)."""
+    try:
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(uri)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{uri}: not a readable CSV ({exc.__class__.__name__})") from None
+    missing = sorted({"image_id", "lesion_id"} - set(table.columns))
+    if missing:
+        raise DatasetError(f"{uri}: a lesion map needs image_id and lesion_id columns; {', '.join(missing)} missing")
+    return table.drop_duplicates("image_id").set_index("image_id")["lesion_id"].astype(str)
+
+
+def split(manifest: pd.DataFrame, val_fraction: float, seed: int, lesions: pd.Series | None = None) -> pd.DataFrame:
+    """Adds split = train | val, stratified by label, by group: the image's lesion where `lesions` (image id ->
+    lesion id) knows it, else its image id. Rows of one group never straddle."""
     if not 0 < val_fraction < 1:
         raise DatasetError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    ids = manifest.groupby("image_id")["label"].first()
+    group = manifest["image_id"] if lesions is None else manifest["image_id"].map(lesions).fillna(manifest["image_id"])
+    labels = manifest.groupby(group)["label"].first()
     rng = np.random.default_rng(seed)
-    val_ids: set[str] = set()
-    for label in sorted(ids.unique()):
-        members = np.array(sorted(ids[ids == label].index))
+    val_groups: set[str] = set()
+    for label in sorted(labels.unique()):
+        members = np.array(sorted(labels[labels == label].index))
         n_val = int(round(len(members) * val_fraction))
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)
-        val_ids.update(rng.permutation(members)[:n_val])
+        val_groups.update(rng.permutation(members)[:n_val])
     out = manifest.copy()
-    out["split"] = np.where(out["image_id"].isin(val_ids), "val", "train")
+    out["split"] = np.where(group.isin(val_groups), "val", "train")
     return out
 
 
@@ -181,13 +196,20 @@ def audit_uri(data_uri: str, ground_truth_uri: str | None = None) -> dict:
     return audit(scan(data_uri), ground_truth)
 
 
-def make_split(data_uri: str, out_uri: str, val_fraction: float, seed: int, ground_truth_uri: str | None = None) -> pd.DataFrame:
+def make_split(
+    data_uri: str, out_uri: str, val_fraction: float, seed: int, ground_truth_uri: str | None = None,
+    lesions_uri: str | None = None,
+) -> pd.DataFrame:
     """Scan, manifest, split; writes out/manifest.parquet and out/audit.json only once all of it succeeded."""
     storage.check_writable(out_uri)
     ground_truth = read_ground_truth(ground_truth_uri) if ground_truth_uri else None
+    lesions = read_lesions(lesions_uri) if lesions_uri else None
     files = scan(data_uri)
-    manifest = split(build_manifest(files, ground_truth), val_fraction, seed)
+    manifest = split(build_manifest(files, ground_truth), val_fraction, seed, lesions)
     report = audit(files, ground_truth) | {"split_seed": seed, "val_fraction": val_fraction, "data_uri": data_uri}
+    if lesions is not None:
+        known = manifest["image_id"].map(lesions).dropna()
+        report["lesions"] = {"uri": lesions_uri, "images_with_a_lesion": len(known), "lesions": int(known.nunique())}
     storage.write_bytes(storage.join(out_uri, "audit.json"), json.dumps(report, indent=2).encode())
     storage.write_parquet(storage.join(out_uri, MANIFEST), manifest)
     return manifest

@@ -146,3 +146,23 @@ def test_split_and_augment_leak_no_validation_image_into_training(train_dir, tmp
     for label, group in ids.groupby("label"):
         if len(group) >= 2:
             assert set(group["split"]) == {"train", "val"}, label
+
+
+def test_split_by_lesion_keeps_every_ham_lesion_on_one_side(train_dir, shared_data, tmp_path, capsys):
+    """1,381 of the 9-class images are HAM10000 photos; split by image id, some lesions have photos on both sides."""
+    meta = shared_data / "ham10000" / "HAM10000_metadata.csv"
+    work = tmp_path / "work"
+    assert cli.main(["split", str(train_dir), "--out", str(work), "--lesions", str(meta), "--seed", "42"]) == 0
+    capsys.readouterr()
+
+    manifest = dataset.read_manifest(str(work))
+    lesion = manifest["image_id"].map(dataset.read_lesions(str(meta)))
+    known = manifest[lesion.notna()]
+    assert len(known) > 1000
+    assert (known.groupby(lesion.dropna())["split"].nunique() == 1).all()
+    report = json.loads((work / "audit.json").read_text())
+    assert report["lesions"]["images_with_a_lesion"] == len(known)
+    assert report["lesions"]["lesions"] == lesion.nunique()
+
+    by_id = dataset.split(manifest.drop(columns="split"), 0.2, 42)
+    assert (by_id[lesion.notna()].groupby(lesion.dropna())["split"].nunique() > 1).sum() > 0

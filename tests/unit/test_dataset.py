@@ -262,6 +262,34 @@ def test_split_is_seeded_and_independent_of_row_order():
     assert len(val_ids(other)) == len(val_ids(a))
 
 
+def test_images_of_one_lesion_never_straddle_train_and_val():
+    """Melanoma ids 0-19 are ten lesions of two images each; the other ids are their own group."""
+    manifest = synthetic_manifest()
+    lesions = pd.Series({f"ISIC_mel_{i:03d}": f"HAM_{i // 2:07d}" for i in range(20)})
+    straddled_without = 0
+    for seed in range(20):
+        out = dataset.split(manifest, 0.3, seed=seed, lesions=lesions)
+        lesion = out["image_id"].map(lesions)
+        assert (out[lesion.notna()].groupby(lesion.dropna())["split"].nunique() == 1).all(), seed
+        assert (out.groupby("image_id")["split"].nunique() == 1).all(), seed
+        mel_val = out[(out["label"] == MEL) & (out["split"] == "val")]
+        # stratified over groups: 10 lesions + 20 single ids = 30 melanoma groups, 30% of them in val
+        assert mel_val["image_id"].map(lesions).fillna(mel_val["image_id"]).nunique() == 9
+        plain = dataset.split(manifest, 0.3, seed=seed)
+        straddled_without += int((plain.groupby(plain["image_id"].map(lesions).dropna())["split"].nunique() > 1).sum())
+    assert straddled_without > 0  # by image id alone, lesions do straddle
+
+
+def test_read_lesions_takes_a_metadata_csv_and_names_missing_columns(tmp_path):
+    good = tmp_path / "meta.csv"
+    good.write_text("lesion_id,image_id,dx\nHAM_1,ISIC_1,mel\nHAM_1,ISIC_2,mel\nHAM_2,ISIC_3,nv\n")
+    assert dataset.read_lesions(str(good)).to_dict() == {"ISIC_1": "HAM_1", "ISIC_2": "HAM_1", "ISIC_3": "HAM_2"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\nISIC_1,MEL\n")
+    with pytest.raises(DatasetError, match=r"bad.csv: a lesion map needs image_id and lesion_id columns; image_id, lesion_id missing"):
+        dataset.read_lesions(str(bad))
+
+
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])
 def test_split_refuses_a_val_fraction_outside_zero_one(fraction):
     with pytest.raises(DatasetError, match="val_fraction must be between 0 and 1"):
