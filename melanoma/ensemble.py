@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import pandas as pd
+
 from melanoma import dataset, registry, storage, train
 from melanoma.config import Settings
 
@@ -40,14 +42,15 @@ def _check_members(loaded: list[registry.LoadedModel]) -> None:
                 )
 
 
-def _check_unseen(loaded: list[registry.LoadedModel], val_ids: set[str], data_uri: str) -> None:
+def _check_unseen(loaded: list[registry.LoadedModel], val_rows: pd.DataFrame, data_uri: str) -> None:
+    """By image id and by content: a copy of a validation image under another name counts as seen."""
     for member in loaded:
         trained_on, _ = train.training_tables(member.card["data_uri"])
-        seen = val_ids & set(trained_on["image_id"])
-        if seen:
+        seen = val_rows[val_rows["image_id"].isin(trained_on["image_id"]) | val_rows["sha256"].isin(trained_on["sha256"])]
+        if len(seen):
             raise dataset.DatasetError(
-                f"{member.uri}: trained on {len(seen)} of the {len(val_ids)} validation images of {data_uri} "
-                f"(e.g. {sorted(seen)[0]}); calibrate the ensemble on a split none of its members trained on"
+                f"{member.uri}: trained on {len(seen)} of the {len(val_rows)} validation images of {data_uri} "
+                f"(e.g. {seen['image_id'].iloc[0]}); calibrate the ensemble on a split none of its members trained on"
             )
 
 
@@ -59,7 +62,7 @@ def combine(s: Settings, member_uris: list[str], data_uri: str, model_dir: str) 
     loaded = [registry.load(uri) for uri in member_uris]
     _check_members(loaded)
     _, val_rows = train.training_tables(data_uri)
-    _check_unseen(loaded, set(val_rows["image_id"]), data_uri)
+    _check_unseen(loaded, val_rows, data_uri)
     s = dataclasses.replace(s, image_size=loaded[0].card["input_size"][0])
     log.info("averaging %d models, calibrating on %d validation images of %s", len(loaded), len(val_rows), data_uri)
     facts = {

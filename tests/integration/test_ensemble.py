@@ -58,10 +58,13 @@ def test_ensemble_is_the_mean_of_its_members_and_is_calibrated(trained_model, se
     assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
 
 
-def test_members_that_trained_on_the_validation_split_are_refused(trained_model, second_member, small_work_dir, tmp_path):
+@pytest.mark.parametrize("renamed", [False, True], ids=["same ids", "copies under other ids"])
+def test_members_that_trained_on_the_validation_split_are_refused(trained_model, second_member, small_work_dir, tmp_path, renamed):
     """Calibrating on images a member trained on would overstate the ensemble: the training split as validation."""
     manifest = dataset.read_manifest(small_work_dir)
     swapped = manifest.assign(split=np.where(manifest["split"] == "train", "val", "train"))
+    if renamed:  # the same contents (sha256) under ids no member has seen
+        swapped["image_id"] = "COPY_" + swapped["image_id"]
     leaky = tmp_path / "leaky"
     leaky.mkdir()
     swapped.to_parquet(leaky / dataset.MANIFEST)
