@@ -44,8 +44,9 @@ def _check_members(loaded: list[registry.LoadedModel]) -> None:
 
 def _check_unseen(loaded: list[registry.LoadedModel], val_rows: pd.DataFrame, data_uri: str) -> None:
     """By image id and by content: a copy of a validation image under another name counts as seen."""
+    tables = {uri: train.training_tables(uri)[0] for uri in {m.card["data_uri"] for m in loaded}}  # seeds share a data dir
     for member in loaded:
-        trained_on, _ = train.training_tables(member.card["data_uri"])
+        trained_on = tables[member.card["data_uri"]]
         seen = val_rows[val_rows["image_id"].isin(trained_on["image_id"]) | val_rows["sha256"].isin(trained_on["sha256"])]
         if len(seen):
             raise dataset.DatasetError(
