@@ -52,7 +52,7 @@ def _shard_members(uri: str) -> list[dict]:
     except tarfile.TarError as exc:
         raise storage.StorageError(f"{uri}: not a readable tar shard ({exc})") from None
     except OSError as exc:  # the shard itself could not be read (denied, endpoint down): one line, not a traceback
-        raise storage._explain(uri, exc) from None
+        raise storage.explain(uri, exc) from None
     return rows
 
 

@@ -12,6 +12,7 @@ import sys
 from datetime import date, datetime, timedelta, timezone
 
 from melanoma.config import ARCHS, settings
+from melanoma.errors import MelanomaError
 
 
 def _audit(args) -> None:
@@ -306,22 +307,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message is a complete one-line explanation for the user (no traceback)."""
-    from melanoma.dataset import DatasetError
-    from melanoma.query import QueryError
-    from melanoma.registry import ModelError
-    from melanoma.storage import StorageError
-
-    return (DatasetError, ModelError, QueryError, StorageError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
-    except _user_errors() as exc:
+    except MelanomaError as exc:
         _stop_worker_logs()
         print(f"melanoma {args.command}: error: {exc}", file=sys.stderr)
         return 1

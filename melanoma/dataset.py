@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from melanoma import storage
 from melanoma.config import CLASS_NAMES, GROUND_TRUTH_CODES, IMAGE_SUFFIXES
+from melanoma.errors import MelanomaError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ["image_id", "uri", "label", "sha256"]
 
 
-class DatasetError(Exception):
+class DatasetError(MelanomaError):
     """A one-line, user-facing problem with a dataset (which file or folder, what was wrong)."""
 
 

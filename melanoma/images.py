@@ -16,6 +16,8 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
+from melanoma.errors import MelanomaError
+
 _FORMATS = {
     b"\xff\xd8\xff": JpegImagePlugin.JpegImageFile,
     b"\x89PNG\r\n\x1a\n": PngImagePlugin.PngImageFile,
@@ -24,7 +26,7 @@ _FORMATS = {
 _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, IndexError, struct.error, EOFError)
 
 
-class ImageError(ValueError):
+class ImageError(MelanomaError):
     """Why one input could not be decoded, in one line."""
 
 

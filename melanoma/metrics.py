@@ -6,6 +6,12 @@ import math
 
 import numpy as np
 
+from melanoma.errors import MelanomaError
+
+
+class MetricsError(MelanomaError):
+    """Why held-out predictions cannot be evaluated or calibrated, in one line."""
+
 
 def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): the class probabilities of a model whose logits were divided by T."""
@@ -72,7 +78,7 @@ def threshold_for_sensitivity(risk: np.ndarray, positive: np.ndarray, target: fl
     """The highest threshold at which risk >= threshold catches at least `target` of the positives."""
     pos = np.sort(risk[positive])[::-1]
     if len(pos) == 0:
-        raise ValueError("no positive examples to set an alert threshold on")
+        raise MetricsError("no positive examples to set an alert threshold on")
     k = max(int(math.ceil(round(target * len(pos), 9))), 1)  # round: 0.55 * 100 is 55.00000000000001
     return float(pos[k - 1])
 

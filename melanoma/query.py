@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from melanoma import storage
+from melanoma.errors import MelanomaError
 from melanoma.config import CLASS_NAMES
 
 FORMATS = ("table", "csv", "json")
@@ -53,7 +54,7 @@ RECIPES = {
 }
 
 
-class QueryError(Exception):
+class QueryError(MelanomaError):
     """A one-line, user-facing reason why a question cannot be answered."""
 
 

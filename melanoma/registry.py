@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from melanoma import storage
+from melanoma.errors import MelanomaError
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "model_card.json"
 LATEST = "latest"
 
 
-class ModelError(Exception):
+class ModelError(MelanomaError):
     """A one-line reason why a model artifact cannot be used."""
 
 

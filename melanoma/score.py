@@ -49,6 +49,7 @@ from ray.data.exceptions import ExecutionTimeoutError
 
 from melanoma import archive, images, metrics, registry, storage
 from melanoma.config import IMAGE_SUFFIXES, MELANOMA, Settings, snake_case
+from melanoma.errors import MelanomaError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ SUMMARY = "_summary.json"
 RETRIED_IO_ERRORS = ["AWS Error SLOW_DOWN"]
 
 
-class StalledError(storage.StorageError):
+class StalledError(MelanomaError):
     """A run made no progress for Settings.score_stall_seconds and was aborted (one line, for the CLI)."""
 
 
@@ -248,7 +249,7 @@ def _one_line(uri: str):
     try:
         yield
     except OSError as exc:
-        raise storage._explain(uri, exc) from None
+        raise storage.explain(uri, exc) from None
 
 
 def _run_pipeline(s: Settings, model_uri: str, image_size: int, todo: pd.DataFrame, output_uri: str, run_date: str) -> None:
@@ -374,7 +375,7 @@ def _explain_failure(exc: BaseException, output_uri: str) -> Exception | None:
         if isinstance(e, (storage.StorageError, registry.ModelError)):
             return type(e)(f"{_first_line(e)} {RERUN}")
         if isinstance(e, OSError) and ("AWS Error" in str(e) or "curlCode" in str(e)):
-            explained = storage._explain(output_uri, e)
+            explained = storage.explain(output_uri, e)
             return type(explained)(f"{explained} {RERUN}")
     return None
 

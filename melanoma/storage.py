@@ -19,8 +19,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from melanoma.errors import MelanomaError
 
-class StorageError(Exception):
+
+class StorageError(MelanomaError):
     """A one-line, user-facing storage problem (which URI, what was wrong)."""
 
 
@@ -101,7 +103,9 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
-def _explain(uri: str, exc: Exception) -> StorageError:
+def explain(uri: str, exc: Exception) -> StorageError:
+    """A storage failure (pyarrow's or botocore's exception) as a one-line StorageError naming uri; StorageUnavailable
+    when the service failed rather than the object."""
     text = str(exc)
     # botocore names error codes AccessDenied, pyarrow (AWS C++ SDK) ACCESS_DENIED: compare both as accessdenied.
     codes = text.replace("_", "").lower()
@@ -134,7 +138,7 @@ def info(uri: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise _explain(uri, exc) from None
+        raise explain(uri, exc) from None
 
 
 def exists(uri: str) -> bool:
@@ -153,7 +157,7 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[pafs.F
         else:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except OSError as exc:
-        raise _explain(uri, exc) from None
+        raise explain(uri, exc) from None
     files = [
         i
         for i in infos
@@ -172,7 +176,7 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such file") from None
     except OSError as exc:
-        raise _explain(uri, exc) from None
+        raise explain(uri, exc) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -189,7 +193,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except OSError as exc:
-        raise _explain(uri, exc) from None
+        raise explain(uri, exc) from None
 
 
 def check_writable(uri: str) -> None:
@@ -203,7 +207,7 @@ def check_writable(uri: str) -> None:
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise StorageError(f"{uri}: bucket '{bucket}' does not exist")
     except OSError as exc:
-        raise _explain(uri, exc) from None
+        raise explain(uri, exc) from None
 
 
 def delete_dir(uri: str) -> None:
@@ -212,7 +216,7 @@ def delete_dir(uri: str) -> None:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
     except OSError as exc:
-        raise _explain(uri, exc) from None
+        raise explain(uri, exc) from None
 
 
 def write_parquet(uri: str, df: pd.DataFrame) -> None:
@@ -233,4 +237,4 @@ def read_range(uri: str, offset: int, size: int) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such file") from None
     except OSError as exc:
-        raise _explain(uri, exc) from None
+        raise explain(uri, exc) from None

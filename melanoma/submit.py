@@ -37,6 +37,8 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TextIO
 
+from melanoma.errors import MelanomaError
+
 log = logging.getLogger(__name__)
 
 # job name -> (entrypoint script relative to the working dir, submission id prefix)
@@ -56,7 +58,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # what `ray job submit` uses without 
 ACTIVE = ("PENDING", "RUNNING")
 
 
-class SubmitError(Exception):
+class SubmitError(MelanomaError):
     """A one-line reason why a job was not submitted (or could not be followed)."""
 
 

@@ -169,7 +169,7 @@ def test_s3_restarted_mid_run_fails_clearly_or_recovers_and_the_rerun_is_exactly
         fault.start()
         try:
             outcome: dict | Exception = score.score(settings(**OUTAGE_SETTINGS), model_uri, source, output, RUN_DATE)
-        except storage.StorageError as exc:
+        except (storage.StorageError, score.StalledError) as exc:
             outcome = exc
         ended = time.monotonic()
         print(f"outcome {time.monotonic() - events.get('stopped', ended):.1f} s after the stop: {outcome if isinstance(outcome, Exception) else 'completed'}")
@@ -320,14 +320,14 @@ PERMANENT = [
 @pytest.mark.parametrize("text", TRANSIENT)
 def test_a_service_failure_is_storage_unavailable_never_a_row(text):
     """prepare() re-raises StorageUnavailable (the run stops, a rerun resumes) instead of writing a "cannot read" row."""
-    error = storage._explain("s3://b/k.jpg", OSError(text))
+    error = storage.explain("s3://b/k.jpg", OSError(text))
     assert isinstance(error, storage.StorageUnavailable) and "\n" not in str(error), error
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("text", PERMANENT)
 def test_an_object_failure_is_a_plain_storage_error(text):
-    error = storage._explain("s3://b/k.jpg", OSError(text))
+    error = storage.explain("s3://b/k.jpg", OSError(text))
     assert type(error) is storage.StorageError, error
 
 

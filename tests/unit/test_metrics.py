@@ -143,7 +143,7 @@ def test_threshold_for_sensitivity_reaches_the_target_and_is_the_highest_such(n_
 
 
 def test_threshold_for_sensitivity_without_positives_raises():
-    with pytest.raises(ValueError, match="no positive examples"):
+    with pytest.raises(metrics.MetricsError, match="no positive examples"):
         metrics.threshold_for_sensitivity(np.array([0.2, 0.4]), np.array([False, False]), 0.9)
 
 
