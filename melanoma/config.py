@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass
+
+from melanoma.errors import MelanomaError
 
 # Class folder names of the 9-class ISIC dataset, in the order of the model's outputs.
 CLASS_NAMES: tuple[str, ...] = (
@@ -71,6 +74,10 @@ class Settings:
     label_smoothing: float = 0.0
     class_weight_cap: float = 10.0
     threads_per_worker: int = 0
+    # Images decoded per Ray Data task when loading a training split, and per predict call when evaluating.
+    decode_batch_size: int = 64
+    # Rows each training worker shuffles among, per epoch.
+    shuffle_buffer_size: int = 512
     target_sensitivity: float = 0.90
     # Scoring
     score_batch_size: int = 64
@@ -85,14 +92,42 @@ class Settings:
     # A run in which no batch is scored for this long is aborted with a clear error (score.StalledError); it counts
     # from the start of the Ray Data pipeline, so it must cover starting the actors and loading the model.
     score_stall_seconds: int = 600
+    # S3 client (storage): seconds to connect and per request, and attempts per call; a refused connection
+    # fails in milliseconds, a frozen endpoint after about request timeout x attempts (docs/reliability.md).
+    s3_connect_timeout: float = 5.0
+    s3_request_timeout: float = 30.0
+    s3_max_attempts: int = 3
+
+
+class SettingsError(MelanomaError):
+    """A MELANOMA_* variable whose value does not fit its setting."""
 
 
 def settings(**overrides) -> Settings:
     """Defaults, then MELANOMA_<FIELD> environment variables, then explicit overrides (None is ignored)."""
+    kinds = typing.get_type_hints(Settings)
     values = {}
     for field in dataclasses.fields(Settings):
-        raw = os.environ.get(f"MELANOMA_{field.name.upper()}")
-        if raw is not None:
-            values[field.name] = type(field.default)(raw)
+        variable = f"MELANOMA_{field.name.upper()}"
+        if variable in os.environ:
+            values[field.name] = parse(variable, os.environ[variable], kinds[field.name])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse(variable: str, raw: str, kind: type) -> bool | int | float | str:
+    """The value of an environment variable as the setting's type; SettingsError naming the variable if it is not one."""
+    text = raw.strip().lower()
+    if kind is bool:
+        if text in TRUE + FALSE:
+            return text in TRUE
+        raise SettingsError(f"{variable}={raw!r} is not a boolean (one of {', '.join(TRUE + FALSE)})")
+    if kind is str:
+        return raw
+    try:
+        return kind(text)
+    except ValueError:
+        raise SettingsError(f"{variable}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from melanoma.config import settings
 from melanoma.errors import MelanomaError
 
 
@@ -56,16 +57,18 @@ def _region() -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3(endpoint: str | None, scheme: str | None, region: str, credentials: str) -> pafs.S3FileSystem:
+def _s3(
+    endpoint: str | None, scheme: str | None, region: str, credentials: str, timeouts: tuple[float, float], attempts: int
+) -> pafs.S3FileSystem:
     """One client per settings and process: building one costs milliseconds, an image read far less.
     `credentials` (a digest of the AWS_* keys) is part of the cache key only so that changed keys get a new client."""
     return pafs.S3FileSystem(
         region=region,
         endpoint_override=endpoint,
         scheme=scheme,
-        connect_timeout=5,
-        request_timeout=30,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        connect_timeout=timeouts[0],
+        request_timeout=timeouts[1],
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
     )
 
 
@@ -75,7 +78,9 @@ def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), _local_path(uri)
     endpoint, scheme = _endpoint()
     keys = f"{os.environ.get('AWS_ACCESS_KEY_ID')}:{os.environ.get('AWS_SECRET_ACCESS_KEY')}:{os.environ.get('AWS_SESSION_TOKEN')}"
-    fs = _s3(endpoint, scheme, _region(), hashlib.sha256(keys.encode()).hexdigest())
+    s = settings()
+    timeouts = (s.s3_connect_timeout, s.s3_request_timeout)
+    fs = _s3(endpoint, scheme, _region(), hashlib.sha256(keys.encode()).hexdigest(), timeouts, s.s3_max_attempts)
     return fs, str(uri)[len("s3://") :].rstrip("/")
 
 

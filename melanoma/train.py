@@ -92,7 +92,7 @@ def _image_dataset(rows: pd.DataFrame, s: Settings) -> ray.data.Dataset:
         .map_batches(
             load_images,
             batch_format="pandas",
-            batch_size=64,
+            batch_size=s.decode_batch_size,
             fn_kwargs={"image_size": s.image_size, "max_pixels": s.max_image_pixels, "max_side": s.max_decoded_side},
         )
         .materialize()
@@ -173,7 +173,7 @@ def train_loop(config: dict) -> None:
             "label",
             batch_size=per_worker,
             drop_last=True,
-            local_shuffle_buffer_size=512 if shuffle else None,
+            local_shuffle_buffer_size=config["shuffle_buffer_size"] if shuffle else None,
             local_shuffle_seed=config["seed"] + epoch if shuffle else None,
         )
         return strategy.experimental_distribute_dataset(ds.with_options(options))
@@ -214,8 +214,8 @@ def train_loop(config: dict) -> None:
 
 def _predict(model, rows: pd.DataFrame, s: Settings) -> np.ndarray:
     probs = []
-    for start in range(0, len(rows), 64):
-        chunk = rows.iloc[start : start + 64]
+    for start in range(0, len(rows), s.decode_batch_size):
+        chunk = rows.iloc[start : start + s.decode_batch_size]
         batch = load_images(chunk, s.image_size, s.max_image_pixels, s.max_decoded_side)["image"]
         probs.append(model.predict_on_batch(batch.astype(np.float32)))
     return np.concatenate(probs)
@@ -267,6 +267,7 @@ def train(s: Settings, data_uri: str, model_dir: str, storage_uri: str | None = 
             "seed": s.seed,
             "class_weights": class_weights(train_rows["label_index"], s.class_weight_cap),
             "threads_per_worker": _threads(s),
+            "shuffle_buffer_size": s.shuffle_buffer_size,
             "lr_schedule": s.lr_schedule,
             "label_smoothing": s.label_smoothing,
             "steps_per_epoch": -(-len(train_rows) // s.batch_size),
