@@ -40,8 +40,8 @@ GROUND_TRUTH_CODES: dict[str, tuple[str, ...]] = {
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # Architectures in melanoma/model.py; "default" names the best measured recipe (docs/quality.md).
-DEFAULT_ARCH = "residual-sep-v2"
-ARCHS = ("default", "seed-cnn", "residual-sep", "residual-sep-v2")
+DEFAULT_ARCH = "efficientnet-lite0"
+ARCHS = ("default", "seed-cnn", "residual-sep", "residual-sep-v2", "efficientnet-lite0")
 
 
 def snake_case(name: str) -> str:
@@ -54,30 +54,37 @@ class Settings:
     # Where the nightly job reads and writes (embedded defaults of the demo; s3:// or local)
     archive_uri: str = "s3://melanoma/archive"
     scores_uri: str = "s3://melanoma/scores"
+    # The scoring job's bookkeeping (input lists, staged files, checkpoints) while a night runs: outside the scores
+    # dataset, on the same storage, one place per dataset; "" = the sibling prefix <scores>_work (layout.py)
+    work_uri: str = ""
     model_uri: str = "s3://melanoma/models"
     # 128: the default recipe's input (docs/quality.md); scoring resizes to this before the model
     image_size: int = 128
     val_fraction: float = 0.2
     # Training
     arch: str = "default"
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     workers: int = 2
     gpus_per_worker: float = 0.0
-    patience: int = 5
-    # Recipe knobs (docs/quality.md): "constant" or "cosine" (one warm-up epoch, then cosine decay to 1%
-    # of learning_rate over `epochs`); label smoothing of the training loss; cap on the balanced class
-    # weights (0 = no cap; without Augmentor a 1-image class would otherwise get a weight in the hundreds);
-    # TensorFlow threads per training worker (0 = the machine's cores divided by the workers).
+    patience: int = 4
+    # Recipe knobs (docs/quality.md). lr_schedule: "constant" or "cosine" (one warm-up epoch, then cosine decay
+    # to 1% of learning_rate over `epochs`). freeze_blocks: the pretrained stem and this many leading MBConv
+    # blocks stay fixed (0 = the whole network trains). epoch_images: images drawn per epoch (at most the
+    # training set's size; 0 = the training set's size), each with probability proportional to n_class ** -balance_power (0 = as found, 1 = every
+    # class equally often). lowres_share of the drawn images are shrunk to a random side between
+    # lowres_min_side and image_size and enlarged back, so that blur (the 84 px BCN thumbnails) carries no label.
+    # threads_per_worker: TensorFlow threads per training worker (0 = the machine's cores divided by the workers).
     lr_schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    class_weight_cap: float = 10.0
+    freeze_blocks: int = 0
+    epoch_images: int = 8000
+    balance_power: float = 0.5
+    lowres_share: float = 0.5
+    lowres_min_side: int = 64
     threads_per_worker: int = 0
     # Images decoded per Ray Data task when loading a training split, and per predict call when evaluating.
     decode_batch_size: int = 64
-    # Rows each training worker shuffles among, per epoch.
-    shuffle_buffer_size: int = 512
     target_sensitivity: float = 0.90
     # Scoring
     score_batch_size: int = 64

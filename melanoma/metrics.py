@@ -21,17 +21,22 @@ def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))))
+def nll(probs: np.ndarray, labels: np.ndarray, positive_index: int | None = None) -> float:
+    """Mean negative log-likelihood of the labels; a label of -1 (known only as not `positive_index`) counts
+    as -log(1 - p[positive_index])."""
+    p = probs[np.arange(len(labels)), np.maximum(labels, 0)]
+    if positive_index is not None:
+        p = np.where(labels >= 0, p, 1.0 - probs[:, positive_index])
+    return float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
 
 
-def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, positive_index: int | None = None) -> float:
     """The T in [0.05, 20] minimising the negative log-likelihood (golden-section search on log T)."""
     lo, hi = math.log(0.05), math.log(20.0)
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     for _ in range(60):
-        if nll(temperature_scale(probs, math.exp(a)), labels) < nll(temperature_scale(probs, math.exp(b)), labels):
+        if nll(temperature_scale(probs, math.exp(a)), labels, positive_index) < nll(temperature_scale(probs, math.exp(b)), labels, positive_index):
             hi = b
         else:
             lo = a
@@ -84,7 +89,11 @@ def threshold_for_sensitivity(risk: np.ndarray, positive: np.ndarray, target: fl
 
 
 def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: list[str], positive_class: str) -> dict:
-    """Accuracy, balanced accuracy, per-class recall/precision, confusion matrix, positive-vs-rest AUC."""
+    """Accuracy, balanced accuracy, per-class recall/precision, confusion matrix over the rows with a class;
+    positive-vs-rest AUC over every row (a label of -1 is an image known only as not positive)."""
+    pos = class_names.index(positive_class)
+    auc = roc_auc(probs[:, pos], labels == pos)
+    probs, labels = probs[labels >= 0], labels[labels >= 0]
     k = len(class_names)
     predicted = probs.argmax(axis=1)
     confusion = np.zeros((k, k), dtype=int)
@@ -93,7 +102,6 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: li
     recall = np.divide(np.diag(confusion), support, out=np.full(k, np.nan), where=support > 0)
     called = confusion.sum(axis=0)
     precision = np.divide(np.diag(confusion), called, out=np.full(k, np.nan), where=called > 0)
-    pos = class_names.index(positive_class)
     return {
         "n": int(len(labels)),
         "accuracy": float((predicted == labels).mean()),
@@ -107,7 +115,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: li
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": confusion.tolist(),
-        "melanoma_auc": roc_auc(probs[:, pos], labels == pos),
+        "melanoma_auc": auc,
     }
 
 
@@ -125,7 +133,7 @@ def calibrate(probs: np.ndarray, labels: np.ndarray, positive_index: int, target
     """Temperature and alert threshold fitted on all of `probs`, plus honest figures for both: each is
     also fitted on one half (stratified by label) and measured on the other, both ways round."""
     positive = labels == positive_index
-    temperature = fit_temperature(probs, labels)
+    temperature = fit_temperature(probs, labels, positive_index)
     calibrated = temperature_scale(probs, temperature)[:, positive_index]
     threshold = threshold_for_sensitivity(calibrated, positive, target_sensitivity)
     rng = np.random.default_rng(seed)
@@ -135,7 +143,7 @@ def calibrate(probs: np.ndarray, labels: np.ndarray, positive_index: int, target
         half[members[: len(members) // 2]] = True
     held_out = []
     for fit_on in (half, ~half):
-        t = fit_temperature(probs[fit_on], labels[fit_on])
+        t = fit_temperature(probs[fit_on], labels[fit_on], positive_index)
         risk_fit = temperature_scale(probs[fit_on], t)[:, positive_index]
         if not positive[fit_on].any() or not positive[~fit_on].any():
             continue
