@@ -216,3 +216,26 @@ def test_calibrate_held_out_is_none_when_a_half_has_no_positive():
     result = metrics.calibrate(probs, labels, positive_index=3, target_sensitivity=0.9, seed=0)
     assert result["held_out"] == {"sensitivity": None, "specificity": None, "ece": None}
     assert result["alert_threshold"] == pytest.approx(metrics.temperature_scale(probs, result["temperature"])[0, 3])
+
+
+def test_an_image_known_only_as_not_melanoma_counts_against_the_melanoma_probability():
+    probs = np.array([[0.2, 0.8], [0.9, 0.1]])
+    # label -1: known only as not class 1, so its likelihood is 1 - p[1]
+    assert metrics.nll(probs, np.array([-1, 0]), positive_index=1) == pytest.approx(-np.mean(np.log([0.2, 0.9])))
+    report = metrics.classification_report(probs, np.array([-1, 0]), ["benign", "melanoma"], "melanoma")
+    assert report["n"] == 1 and report["accuracy"] == 1.0
+    assert report["melanoma_auc"] is None  # no melanoma among the rows
+
+
+def test_shipped_report_uses_the_shipped_threshold_and_supported_classes():
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 20 + [0] * 60 + [2] * 3)
+    probs = rng.dirichlet([1, 1, 1], size=len(labels))
+    probs[labels == 1, 1] += 2
+    probs /= probs.sum(axis=1, keepdims=True)
+    report = metrics.shipped_report(probs, labels, 1.0, 0.5, 1, ["nevus", "melanoma", "other"], min_support=12)
+    risk = probs[:, 1]
+    assert report["sensitivity"] == pytest.approx((risk[labels == 1] >= 0.5).mean())
+    assert report["supported_classes"] == ["nevus", "melanoma"]
+    low, high = report["melanoma_auc_95"]
+    assert low <= report["melanoma_auc"] <= high
