@@ -125,7 +125,7 @@ def main() -> None:
     if args.prefix:
         stats = build(args.prefix, files, args.copies, args.shard_size, layouts, args.workers)
     else:
-        from melanoma.services import SeaweedServer
+        from melanoma.local import SeaweedServer
 
         with SeaweedServer(args.root_dir) as server:
             os.environ.update(server.env())

@@ -175,7 +175,7 @@ def main() -> None:
 
     from melanoma import score, storage
     from melanoma.config import settings
-    from melanoma.services import SeaweedServer
+    from melanoma.local import SeaweedServer
 
     files = sorted(Path(args.images).glob("*.jpg"))
     files = files[: args.limit] if args.limit else files

@@ -1,6 +1,6 @@
 """Shared fixtures for tests against the REAL components: a SeaweedFS S3 server, a local Ray cluster, the
-shared ISIC data, and a small model trained on it once per session. The process management lives in
-melanoma/services.py (also used by the demo and the benchmarks)."""
+shared ISIC data, and a small model trained on it once per session. The processes are started by
+tests/services.py (real `ray start` nodes, and the demo's SeaweedFS server from melanoma/local.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from melanoma.services import RayCluster, SeaweedServer
+from services import RayCluster, S3Server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def s3(tmp_path_factory):
 
     A test that calls s3.stop() must call s3.start() again (same port and data) before it ends.
     """
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    server = S3Server(tmp_path_factory.mktemp("seaweed"))
     server.start()
     overrides = {**server.env(), "AWS_ENDPOINT_URL_S3": None, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
     try:

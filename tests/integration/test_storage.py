@@ -10,7 +10,8 @@ import pytest
 
 from melanoma import storage
 from helpers import make_image
-from melanoma.services import http_status, listening_addresses
+from melanoma.local import http_status
+from services import listening_addresses
 
 pytestmark = pytest.mark.integration
 
