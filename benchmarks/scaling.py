@@ -53,6 +53,7 @@ from pathlib import Path
 # Ray reads the auth mode once, at import: the token must be in the environment before anything imports ray.
 TOKEN = secrets.token_hex(16)
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"})
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # services: the tests' local Ray cluster
 
 import numpy as np  # noqa: E402
 from make_archive import DEFAULT_IMAGES, build, load, print_stats, source_files  # noqa: E402
@@ -284,7 +285,7 @@ def score_once(label: str, s, model_dir: str, input_uri: str, output: str, nodes
 
 @contextmanager
 def s3_with_model(tmp: Path):
-    from melanoma.services import SeaweedServer
+    from melanoma.local import SeaweedServer
 
     with SeaweedServer(tmp / "s3") as server:
         os.environ.update(server.env())
@@ -311,7 +312,7 @@ def connected(cluster):
 
 def mode_nodes(args) -> None:
     from melanoma.config import settings
-    from melanoma.services import RayCluster
+    from services import RayCluster
 
     if len(ALL_CPUS) < 2 and args.pin:
         sys.exit("--pin needs 2 CPUs")
@@ -351,7 +352,7 @@ def mode_nodes(args) -> None:
 
 def mode_actors(args) -> None:
     from melanoma.config import settings
-    from melanoma.services import RayCluster
+    from services import RayCluster
 
     files = source_files(args.images, args.limit)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, s3_with_model(Path(tmp)) as (server, bucket, model_dir):
@@ -434,7 +435,7 @@ def shard_listing_reads(uri: str) -> tuple[int, int]:
 
 def mode_archive(args) -> None:
     from melanoma.config import settings
-    from melanoma.services import RayCluster
+    from services import RayCluster
 
     files = source_files(args.images, args.limit)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, s3_with_model(Path(tmp)) as (server, bucket, model_dir):

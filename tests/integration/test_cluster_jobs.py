@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from melanoma import registry, storage, submit
-from melanoma.services import BIN_DIR
+from melanoma.local import BIN_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -33,7 +33,7 @@ import pytest
 
 from melanoma import registry, score
 from melanoma.config import CLASS_NAMES
-from melanoma.services import listening_addresses
+from services import listening_addresses
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
