@@ -17,9 +17,9 @@ import Augmentor
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from melanoma import dataset, storage
+from melanoma.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def augment(manifest: pd.DataFrame, out: str, seed: int, target: int | None = No
     # Transforms run one at a time (Augmentor draws from the global `random`); only the writes overlap.
     with ThreadPoolExecutor(8) as pool:
         writes = []
-        for sources, images, label, i in tqdm(jobs, desc="augment", unit="img"):
+        for sources, images, label, i in progress(jobs, desc="augment", unit="img"):
             record, data = _make_sample(transform, sources, images, label, i, seed)
             record["uri"] = storage.join(out, label, f"{record['image_id']}.jpg")
             writes.append(pool.submit(storage.write_bytes, record["uri"], data))

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from melanoma import storage
 from melanoma.config import CLASS_NAMES, GROUND_TRUTH_CODES, IMAGE_SUFFIXES
+from melanoma.console import progress
 from melanoma.errors import MelanomaError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def scan(root: str, threads: int = 16) -> pd.DataFrame:
     if unknown:
         raise DatasetError(f"{root}: unknown class folder '{unknown[0]}' (expected one of {', '.join(CLASS_NAMES)})")
     with ThreadPoolExecutor(threads) as pool:
-        hashed = list(tqdm(pool.map(_hash_image, [r["uri"] for r in rows]), total=len(rows), desc="hash", unit="img"))
+        hashed = list(progress(pool.map(_hash_image, [r["uri"] for r in rows]), total=len(rows), desc="hash", unit="img"))
     df = pd.DataFrame(rows)
     df["sha256"] = [h for h, _ in hashed]
     df["bytes"] = [n for _, n in hashed]

@@ -1,23 +1,118 @@
-"""Connecting to Ray: an address (or RAY_ADDRESS), an already connected driver, or a local Ray started here."""
+"""The process a command runs in: its console session, its Ray connection, and progress bars that Ray
+workers advance from wherever they run.
+
+Ray Train and Ray Data have no driver-side callback for a worker's progress, so a worker puts its progress
+on a Ray queue (`Feed`) and a driver thread draws it as a bar on the terminal (`remote_progress`).
+"""
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
+import sys
+import threading
+from collections.abc import Iterator
 
-import ray
+from melanoma import console
 
-log = logging.getLogger(__name__)
+_worker_logs: str | None = None  # Ray's log directory of this session (worker output) once connected
 
 
-def connect(address: str | None = None, local_cpus: int = 4) -> None:
+@contextlib.contextmanager
+def session(command: str, verbose: bool, log_file: bool) -> Iterator[None]:
+    """One command's console. With log_file (a command that runs Ray or TensorFlow), third-party logs go to a
+    log file the last line names; verbose shows every log here instead. Ray is disconnected at the end, before
+    that last line (Ray's log thread would otherwise print after it)."""
+    if verbose:
+        console.verbose()
+    elif not log_file:
+        console.plain()
+    if verbose or not log_file:
+        try:
+            yield
+        finally:
+            disconnect()
+        return
+    with console.quiet(command) as log_path:
+        try:
+            yield
+        finally:
+            disconnect()  # inside quiet(): Ray's shutdown messages go to the log file
+            workers = f"; Ray workers' logs: {_worker_logs}" if _worker_logs else ""
+            print(f"logs: {log_path}{workers} (--verbose shows them here)", file=console.terminal())
+
+
+def connect(address: str | None = None, verbose: bool = False, local_cpus: int = 4) -> None:
     """Joins the cluster at address/RAY_ADDRESS; without one, starts a local Ray. A local Ray is given more
-    CPUs than the machine has (4 on 2 cores): training workers and Ray Data reads then never starve each other."""
+    CPUs than the machine has (4 on 2 cores): training workers and Ray Data reads then never starve each other.
+    Workers' output reaches this console only when verbose; Ray keeps it in its session logs either way."""
+    import ray
+
+    global _worker_logs
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=verbose)
     else:
-        ray.init(num_cpus=local_cpus, include_dashboard=False)
-    log.info("ray: %s", ray.get_runtime_context().gcs_address)
+        context = ray.init(num_cpus=local_cpus, include_dashboard=False, log_to_driver=verbose)
+    session_dir = context.address_info.get("session_dir")
+    _worker_logs = os.path.join(session_dir, "logs") if session_dir else None
+
+
+def disconnect() -> None:
+    global _worker_logs
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    _worker_logs = None
+
+
+class Feed:
+    """What a Ray worker holds to advance a bar on the driver (picklable: a Ray queue)."""
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def add(self, n: int, line: str | None = None) -> None:
+        """n more units done; `line`, if given, is printed above the bar."""
+        self._queue.put_nowait(("add", n, line))
+
+    def reach(self, done: int, line: str | None = None) -> None:
+        """`done` units done in all (a resumed run starts past zero)."""
+        self._queue.put_nowait(("reach", done, line))
+
+
+@contextlib.contextmanager
+def remote_progress(total: int, desc: str, unit: str) -> Iterator[Feed]:
+    """A bar on the terminal that workers advance through the yielded Feed; closed when the block ends."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    bar = console.progress(total=total, desc=desc, unit=unit)
+    stop = threading.Event()
+
+    def draw(item) -> None:
+        kind, n, line = item
+        bar.update(n if kind == "add" else n - bar.n)
+        if line:
+            bar.write(line, file=console.terminal())
+
+    def follow() -> None:
+        while not stop.is_set():
+            try:
+                draw(queue.get(timeout=1))
+            except Empty:
+                bar.refresh()  # the elapsed time moves on
+        for item in queue.get_nowait_batch(queue.qsize()):
+            draw(item)
+
+    thread = threading.Thread(target=follow, name=f"progress-{desc}", daemon=True)
+    thread.start()
+    try:
+        yield Feed(queue)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        bar.close()
+        queue.shutdown()

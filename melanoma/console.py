@@ -1,0 +1,146 @@
+"""What a person reads in the terminal: the project's own log lines and progress bars.
+
+`quiet()` sends everything else to a log file: the process's stderr at the file-descriptor level (so the C++
+logs of Ray and TensorFlow too, and whatever Python writes to sys.stderr) and Python's root logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import TextIO
+
+from tqdm import tqdm
+
+FULL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_terminal: TextIO | None = None  # the terminal while quiet() redirects stderr; sys.stderr otherwise
+
+
+def terminal() -> TextIO:
+    return _terminal or sys.stderr
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar on the terminal (also while stderr goes to the log file)."""
+    return tqdm(iterable, file=terminal(), dynamic_ncols=True, **kwargs)
+
+
+class TerminalHandler(logging.Handler):
+    """Log records as plain lines written above any progress bar; warnings and errors say so."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        tqdm.write(text, file=terminal())
+
+
+def plain() -> None:
+    """The project's log lines on the terminal (unless the host process configured logging already)."""
+    logging.basicConfig(level=logging.INFO, handlers=[TerminalHandler()])
+
+
+def verbose() -> None:
+    """Every log record of every library on stderr, with time, level and logger."""
+    logging.basicConfig(level=logging.INFO, format=FULL_FORMAT)
+
+
+@contextlib.contextmanager
+def quiet(command: str) -> Iterator[str]:
+    """Within: the project's log records and bars on the terminal, everything else in a new log file (yielded)."""
+    global _terminal
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    fd, log_path = tempfile.mkstemp(prefix=f"melanoma-{command}-{stamp}-", suffix=".log")
+    os.close(fd)
+    root, project = logging.getLogger(), logging.getLogger("melanoma")
+    file_handler = logging.FileHandler(log_path)
+    file_handler.setFormatter(logging.Formatter(FULL_FORMAT))
+    terminal_handler = TerminalHandler()
+    saved_level = root.level
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    _terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    appending = os.open(log_path, os.O_WRONLY | os.O_APPEND)  # shared with the FileHandler: both append
+    os.dup2(appending, 2)
+    os.close(appending)
+    root.addHandler(file_handler)
+    root.setLevel(logging.INFO)
+    project.addHandler(terminal_handler)
+    logging.captureWarnings(True)
+    try:
+        yield log_path
+    finally:
+        logging.captureWarnings(False)
+        project.removeHandler(terminal_handler)
+        root.removeHandler(file_handler)
+        root.setLevel(saved_level)
+        file_handler.close()
+        sys.stderr.flush()
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        _terminal.close()
+        _terminal = None
+
+
+# ---------------------------------------------------------------- one-line results of the commands
+
+
+def audit_lines(report: dict) -> str:
+    lines = [
+        f"{report['files']} files, {report['unique_images']} unique images, {report['duplicate_groups']} duplicate "
+        f"groups, {report['conflicting_groups']} with conflicting labels",
+        *(f"  {name:28s} {n}" for name, n in report["files_per_class"].items()),
+    ]
+    if "ground_truth" in report:
+        gt = report["ground_truth"]
+        lines.append(f"ground truth covers {gt['files_with_ground_truth']} files; the folder disagrees for {gt['folder_disagrees']}")
+    return "\n".join(lines)
+
+
+def split_line(manifest, out: str) -> str:
+    counts = manifest.groupby("split").size().to_dict()
+    return f"manifest: {len(manifest)} images ({counts.get('train', 0)} train, {counts.get('val', 0)} val) -> {out}"
+
+
+def ham10000_line(report: dict, work: str, out: str) -> str:
+    train_n = sum(report["per_split"]["train"].values())
+    moved = sum(report["val_to_manifest"]["per_class"].values())
+    test_n = sum(report["per_split"]["val"].values()) - moved
+    return (
+        f"HAM10000: {train_n} training images, {moved} validation images joined the manifest, {test_n} held out; "
+        f"{report['dropped_lesions_touching_9class']} lesions dropped (already in {work}) -> {out}"
+    )
+
+
+def card_line(card: dict, model_dir: str) -> str:
+    m, c = card["metrics"], card["calibration"]
+    held_out = c["held_out"]
+    return (
+        f"model {card['version']}: balanced accuracy {m['balanced_accuracy']:.3f}, melanoma AUC {m['melanoma_auc']:.3f}, "
+        f"alert threshold {c['alert_threshold']:.3f} (held-out sensitivity {held_out['sensitivity']:.2f}, "
+        f"specificity {held_out['specificity']:.2f}, ECE {held_out['ece']:.3f}) -> {model_dir}"
+    )
+
+
+def summary_line(summary: dict) -> str:
+    return (
+        f"scored {summary['scored']} images, {summary['errors']} errors, {summary['flagged']} flagged "
+        f"({summary['scored_this_run']} new, {summary['images_per_second']} img/s) with model {summary['model_version']} "
+        f"-> {summary['output_uri']}"
+    )
+
+
+def report_line(r: dict) -> str:
+    return (
+        f"report of {r['run_date']}: {r['flagged']} flagged ({r['shown']} shown, {r['heatmaps']} heatmaps), "
+        f"{r['errors']} errors -> {r['path']}"
+    )
+
+
+def model_card_line(r: dict) -> str:
+    return f"model card of {r['version']} -> {r['path']}"
