@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import typing
@@ -112,7 +113,7 @@ class SettingsError(MelanomaError):
 
 def settings(**overrides) -> Settings:
     """Defaults, then MELANOMA_<FIELD> environment variables, then explicit overrides (None is ignored)."""
-    kinds = typing.get_type_hints(Settings)
+    kinds = _field_types()
     values = {}
     for field in dataclasses.fields(Settings):
         variable = f"MELANOMA_{field.name.upper()}"
@@ -120,6 +121,11 @@ def settings(**overrides) -> Settings:
             values[field.name] = parse(variable, os.environ[variable], kinds[field.name])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)
+
+
+@functools.cache
+def _field_types() -> dict[str, type]:
+    return typing.get_type_hints(Settings)  # resolves the annotations, which are strings here (about 0.2 ms)
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

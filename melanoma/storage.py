@@ -57,18 +57,18 @@ def _region() -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3(
-    endpoint: str | None, scheme: str | None, region: str, credentials: str, timeouts: tuple[float, float], attempts: int
-) -> pafs.S3FileSystem:
-    """One client per settings and process: building one costs milliseconds, an image read far less.
-    `credentials` (a digest of the AWS_* keys) is part of the cache key only so that changed keys get a new client."""
+def _s3(endpoint: str | None, scheme: str | None, region: str, credentials: str) -> pafs.S3FileSystem:
+    """One client per AWS settings and process: building one costs milliseconds, an image read far less; its
+    timeouts and attempts are the Settings' when it is built. `credentials` (a digest of the AWS_* keys) is part
+    of the cache key only so that changed keys get a new client."""
+    s = settings()
     return pafs.S3FileSystem(
         region=region,
         endpoint_override=endpoint,
         scheme=scheme,
-        connect_timeout=timeouts[0],
-        request_timeout=timeouts[1],
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+        connect_timeout=s.s3_connect_timeout,
+        request_timeout=s.s3_request_timeout,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s.s3_max_attempts),
     )
 
 
@@ -78,9 +78,7 @@ def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), _local_path(uri)
     endpoint, scheme = _endpoint()
     keys = f"{os.environ.get('AWS_ACCESS_KEY_ID')}:{os.environ.get('AWS_SECRET_ACCESS_KEY')}:{os.environ.get('AWS_SESSION_TOKEN')}"
-    s = settings()
-    timeouts = (s.s3_connect_timeout, s.s3_request_timeout)
-    fs = _s3(endpoint, scheme, _region(), hashlib.sha256(keys.encode()).hexdigest(), timeouts, s.s3_max_attempts)
+    fs = _s3(endpoint, scheme, _region(), hashlib.sha256(keys.encode()).hexdigest())
     return fs, str(uri)[len("s3://") :].rstrip("/")
 
 
