@@ -22,8 +22,8 @@ archive     make_archive.build() re-keys HAM10000 (--copies) as loose files and 
             archive.list_inputs on each layout, then scores each (unless --no-score) on one node, with the
             peak memory (PSS) of the driver, of the S3 server and of every Ray worker process.
 listing     driver-side cost of N inputs: archive.list_inputs over N synthetic keys (storage.list_files is
-            replaced by a list of N FileInfo, no I/O) and the _inputs parquet; then score._already_scored
-            and score._summarize over a local partition of N synthetic rows of the output schema.
+            replaced by a list of N FileInfo, no I/O) and the inputs parquet; then commit.already_scored
+            and the counts of commit.finish over a local partition of N synthetic rows of the output schema.
 capacity    no measurement: the capacity model of docs/capacity.md (nodes for 10^4/10^5/10^6 images in the
             window, $ per 10^6 images) from per-image costs and prices given as flags (defaults: the
             figures measured for docs/capacity.md, example prices).
@@ -225,9 +225,9 @@ def steady_rate(output: str) -> tuple:
     TensorFlow start, model load) and the write/promote tail are left out."""
     import pyarrow.dataset as pads
 
-    from melanoma import score, storage
+    from melanoma import layout, storage
 
-    fs, path = storage.pyarrow_fs(score.partition(output, RUN_DATE))
+    fs, path = storage.pyarrow_fs(layout.partition(output, RUN_DATE))
     stamps = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["scored_at"]).column("scored_at")
     values = np.sort(np.array(stamps.cast("int64").to_numpy(zero_copy_only=False)))
     span = (values[-1] - values[0]) / 1e6
@@ -576,10 +576,10 @@ def _synthetic_partition(root: str, n: int, rows_per_file: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from melanoma import score
+    from melanoma import layout
     from melanoma.config import CLASS_NAMES
 
-    schema = score.output_schema(list(CLASS_NAMES))
+    schema = layout.output_schema(list(CLASS_NAMES))
     target = os.path.join(root, f"run_date={RUN_DATE}")
     os.makedirs(target)
     rng = np.random.default_rng(0)
@@ -622,7 +622,7 @@ def mode_listing(args) -> None:
 
     import pyarrow.fs as pafs
 
-    from melanoma import archive, score, storage
+    from melanoma import archive, commit, layout, storage
 
     n = args.rows
     print(f"driver-side costs for {n:,} inputs (this process alone; PSS sampled every 0.2 s)")
@@ -644,7 +644,7 @@ def mode_listing(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "inputs.parquet")
         _, written, peak, _ = _measured(lambda: storage.write_parquet(path, inputs))
-        print(f"  _inputs/inputs.parquet: {os.path.getsize(path) / 2**20:.1f} MiB, written in {written:.1f} s, peak PSS {peak / 2**20:.0f} MiB")
+        print(f"  inputs.parquet: {os.path.getsize(path) / 2**20:.1f} MiB, written in {written:.1f} s, peak PSS {peak / 2**20:.0f} MiB")
     print(f"  before: {before}\n  after:  {load()}")
 
     before = load()
@@ -654,13 +654,13 @@ def mode_listing(args) -> None:
         print(f"  a partition of {n:,} synthetic output rows in 5,000-row files written in {time.time() - started:.1f} s")
         del inputs
         base = pss(os.getpid())
-        done, seconds, peak, held = _measured(lambda: score._already_scored(tmp, RUN_DATE))
-        print(f"  _already_scored (rerun of a night with {n:,} rows): {seconds:.1f} s, PSS peak +{(peak - base) / 2**20:.0f} MiB, "
+        done, seconds, peak, held = _measured(lambda: commit.already_scored(layout.night(tmp, RUN_DATE)))
+        print(f"  already_scored (rerun of a night with {n:,} rows): {seconds:.1f} s, PSS peak +{(peak - base) / 2**20:.0f} MiB, "
               f"set held +{(held - base) / 2**20:.0f} MiB")
         del done
         base = pss(os.getpid())
-        _, seconds, peak, _ = _measured(lambda: score._summarize(tmp, RUN_DATE, n, 0, datetime.now(timezone.utc), "v"))
-        print(f"  _summarize over {n:,} rows: {seconds:.1f} s, PSS peak +{(peak - base) / 2**20:.0f} MiB")
+        _, seconds, peak, _ = _measured(lambda: commit._counts(layout.night(tmp, RUN_DATE), datetime.now(timezone.utc)))
+        print(f"  the summary's counts over {n:,} rows: {seconds:.1f} s, PSS peak +{(peak - base) / 2**20:.0f} MiB")
     print(f"  before: {before}\n  after:  {load()}")
 
 

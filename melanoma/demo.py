@@ -14,7 +14,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from melanoma import augment, dataset, registry, runtime, score, storage, train
+from melanoma import augment, dataset, layout, registry, runtime, score, storage, train
 from melanoma.config import settings
 from melanoma.services import SeaweedServer
 
@@ -100,8 +100,8 @@ def run(data: str | None, archive_source: str | None, epochs: int, archive_image
         log.info("step 6/6: copy the scores to %s/scores", root)
         local = root / "scores" / f"run_date={run_date}"
         shutil.rmtree(local, ignore_errors=True)
-        fs, path = storage.pyarrow_fs(score.partition(scores, run_date))
-        for f in storage.list_files(score.partition(scores, run_date)):
+        fs, path = storage.pyarrow_fs(layout.partition(scores, run_date))
+        for f in storage.list_files(layout.partition(scores, run_date)):
             target = local / f.path[len(path) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(storage.read_bytes(storage.to_uri(fs, f.path)))

@@ -23,9 +23,9 @@ import pyarrow.fs as pafs
 from melanoma import storage
 from melanoma.errors import MelanomaError
 from melanoma.config import CLASS_NAMES
+from melanoma.layout import PARTITION
 
 FORMATS = ("table", "csv", "json")
-PARTITION = "run_date="
 
 # Fill in the {placeholders} with str.format.
 RECIPES = {

@@ -66,7 +66,7 @@ def _check_exactly_once(scores: str, night: str, n: int) -> list[str]:
     uris = _rows(scores, night).column("image_uri").to_pylist()
     assert len(uris) == n, f"{len(uris)} rows for {n} images"
     assert len(set(uris)) == n, "an image was scored twice"
-    assert not storage.exists(f"{scores}/_staging/run_date={night}")
+    assert not storage.exists(f"{scores}_work/run_date={night}/staging")
     return uris
 
 
@@ -284,7 +284,7 @@ def test_worker_node_killed_while_scoring(ray_cluster, ray_client, s3, bucket, j
     night = "2026-11-28"
     archive, scores = f"{bucket}/archive-kill", f"{bucket}/scores-kill"
     n = _upload_night(s3, shared_data, tmp_path, archive, night, KILL_IMAGES)
-    staging = f"{scores}/_staging/run_date={night}"
+    staging = f"{scores}_work/run_date={night}/staging"
     client = _client(ray_cluster)
     head = ray_cluster.head.node_id
 

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from melanoma import images, metrics, query, registry, report, score, storage
+from melanoma import images, layout, metrics, query, registry, report, score, storage
 from melanoma import model as architectures
 from melanoma.config import CLASS_NAMES, MELANOMA, settings
 
@@ -172,7 +172,7 @@ def scores_uri(request, scored) -> str:
 
 def rows_of(scores_uri: str, night: str) -> list[dict]:
     """The oracle: one night's rows read by pyarrow alone."""
-    fs, path = storage.pyarrow_fs(score.partition(scores_uri, night))
+    fs, path = storage.pyarrow_fs(layout.partition(scores_uri, night))
     return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
 
 

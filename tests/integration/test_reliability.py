@@ -28,7 +28,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from melanoma import registry, score, storage
+from melanoma import layout, registry, score, storage
 from melanoma.config import CLASS_NAMES, settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -78,7 +78,7 @@ def upload(s3, files: list[Path], bucket: str) -> str:
 
 
 def staging(output: str) -> str:
-    return f"{output}/_staging/run_date={RUN_DATE}"
+    return layout.night(output, RUN_DATE).staging
 
 
 def wait_for_staged_file(output: str, running, timeout: float = 300, files: int = 1) -> bool:
@@ -95,13 +95,13 @@ def wait_for_staged_file(output: str, running, timeout: float = 300, files: int 
 
 
 def rows(output: str) -> list[dict]:
-    fs, path = storage.pyarrow_fs(score.partition(output, RUN_DATE))
+    fs, path = storage.pyarrow_fs(layout.partition(output, RUN_DATE))
     return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
 
 
 def assert_exactly_once(output: str, n: int, rerun_started: datetime) -> dict:
-    """Every image once, none lost, none failed, nothing left in _staging/_checkpoints; returns the summary."""
-    summary = json.loads(storage.read_bytes(f"{score.partition(output, RUN_DATE)}/{score.SUMMARY}"))
+    """Every image once, none lost, none failed, nothing left of the night's bookkeeping; returns the summary."""
+    summary = layout.read_summary(output, RUN_DATE)
     found = rows(output)
     uris = [r["image_uri"] for r in found]
     assert len(found) == len(set(uris)) == n, f"{len(found)} rows, {len(set(uris))} unique images, {n} inputs"
@@ -110,7 +110,7 @@ def assert_exactly_once(output: str, n: int, rerun_started: datetime) -> dict:
     kept = sum(1 for r in found if r["scored_at"] < rerun_started)
     assert summary["scored_this_run"] == n - kept, "rows written before the fault were scored again"
     assert not storage.exists(staging(output))
-    assert not storage.exists(f"{output}/_checkpoints/run_date={RUN_DATE}")
+    assert not storage.exists(layout.night(output, RUN_DATE).checkpoints)
     return summary
 
 
@@ -222,10 +222,10 @@ def _run_cli_with_fault(command, env, output, tmp_path, fault, heal, wait: float
 
 
 def _internal_files(output: str) -> dict[str, list[str]]:
-    """What a stopped run left in _staging and _checkpoints (printed: a failing test then shows it)."""
+    """What a stopped run left in its staging and checkpoints (printed: a failing test then shows it)."""
     left = {}
     for kind in ("staging", "checkpoints"):
-        uri = f"{output}/_{kind}/run_date={RUN_DATE}"
+        uri = getattr(layout.night(output, RUN_DATE), kind)
         left[kind] = [f.path.rsplit("/", 1)[1] for f in storage.list_files(uri)] if storage.exists(uri) else []
     print(json.dumps(left, indent=1))
     return left
@@ -260,16 +260,16 @@ def test_s3_sigkilled_mid_run_cli_exits_1_within_60s_and_the_rerun_is_exactly_on
     assert took < FAIL_WITHIN, f"exited {took:.0f} s after the kill"
     assert re.fullmatch(r"melanoma score: error: s3://\S+: cannot reach the S3 endpoint http://127\.0\.0\.1:\d+ \(the run "
                         r"stopped; rerun it to resume: rows already written are kept\)", last_line(stderr)), last_line(stderr)  # fmt: skip
-    assert not storage.exists(f"{score.partition(output, RUN_DATE)}/{score.SUMMARY}")
+    assert not storage.exists(layout.summary_uri(output, RUN_DATE))
 
     # A kill -9 can also land inside a checkpoint commit, a move that S3 does as copy + delete, leaving
     # <block>.parquet next to <block>.pending.parquet. Ray Data's recovery alone then deletes that block's data
     # while the committed file keeps its rows out of the rerun: 32 rows lost (seen once here before the fix in
-    # score._finish_interrupted_commits). Make that state for certain: copy one committed checkpoint back to pending.
+    # commit.finish_interrupted_commits). Make that state for certain: copy one committed checkpoint back to pending.
     left = _internal_files(output)
     committed = [n for n in left["checkpoints"] if not n.endswith(".pending.parquet")]
     assert committed, f"no block was committed before the kill: {left}"
-    bucket, _, prefix = f"{output}/_checkpoints/run_date={RUN_DATE}".removeprefix("s3://").partition("/")
+    bucket, _, prefix = layout.night(output, RUN_DATE).checkpoints.removeprefix("s3://").partition("/")
     s3.client().copy_object(Bucket=bucket, Key=f"{prefix}/{committed[0].replace('.parquet', '.pending.parquet')}",
                             CopySource={"Bucket": bucket, "Key": f"{prefix}/{committed[0]}"})  # fmt: skip
     summary = assert_exactly_once(output, OUTAGE_IMAGES, _rerun_cli(command, env))

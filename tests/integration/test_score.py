@@ -14,11 +14,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
-from melanoma import score, storage
+from melanoma import layout, score, storage
 from melanoma.config import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -105,15 +107,16 @@ def test_schema_and_partitioning(s3_scores, trained_model):
     card = registry.read_card(trained_model)
     fs, path = storage.pyarrow_fs(s3_scores)
     top = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
-    assert f"run_date={RUN_DATE}" in top
-    assert {n for n in top if not n.startswith("_")} == {f"run_date={RUN_DATE}"}
+    assert top == {f"run_date={RUN_DATE}"}, "only partitions under the scores root"
+    work = layout.night(s3_scores, RUN_DATE).work
+    assert not storage.exists(work), f"the night's bookkeeping was left behind: {storage.list_files(work)}"
     dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    assert dataset.schema.remove(dataset.schema.get_field_index("run_date")) == score.output_schema(card["class_names"])
-    columns = score.output_schema(card["class_names"]).names
+    assert dataset.schema.remove(dataset.schema.get_field_index("run_date")) == layout.output_schema(card["class_names"])
+    columns = layout.output_schema(card["class_names"]).names
     assert columns[:6] == ["image_id", "image_uri", "sha256", "melanoma_risk", "flagged", "predicted_class"]
     assert "p_basal_cell_carcinoma" in columns and "p_melanoma" in columns
     assert columns[-3:] == ["model_version", "scored_at", "error"]
-    summary = json.loads(storage.read_bytes(f"{s3_scores}/run_date={RUN_DATE}/_summary.json"))
+    summary = layout.read_summary(s3_scores, RUN_DATE)
     assert summary["rows"] == summary["unique_images"] == 28
     assert summary["errors"] == 4 and summary["scored"] == 24
     assert summary["model_version"] == card["version"]
@@ -161,8 +164,7 @@ def test_killed_run_resumes_exactly_once(ray_cluster, s3, trained_model, shared_
     command = [sys.executable, "-m", "melanoma.cli", "score", "--model", trained_model, "--input",
                f"{bucket}/{RUN_DATE}", "--output", output, "--run-date", RUN_DATE, "--batch-size", "8"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "MELANOMA_ROWS_PER_FILE": "8"}
-    staging = f"{output}/_staging/run_date={RUN_DATE}"
-    checkpoints = f"{output}/_checkpoints/run_date={RUN_DATE}"
+    staging, checkpoints = layout.night(output, RUN_DATE).staging, layout.night(output, RUN_DATE).checkpoints
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:
@@ -192,7 +194,43 @@ def test_killed_run_resumes_exactly_once(ray_cluster, s3, trained_model, shared_
     rows = _rows(output)
     assert len({r["image_uri"] for r in rows}) == len(rows) == 404
     assert not storage.exists(staging)
-    assert not storage.exists(f"{output}/_checkpoints/run_date={RUN_DATE}")
+    assert not storage.exists(checkpoints)
+
+
+def test_a_night_left_in_the_earlier_layout_is_moved_out_said_once_and_ends_exactly_once(
+    ray_client, trained_model, local_archive, tmp_path, caplog
+):
+    """An earlier version kept its bookkeeping inside the scores dataset (_inputs/, _staging/, _checkpoints/).
+    Make the state it left when stopped between writing and promoting: two of the night's files still staged, their
+    rows checkpointed, the input lists of this night and of an earlier one. The next run moves it out, says so once,
+    and the night ends with every image once, none scored again."""
+    output = tmp_path / "scores"
+    s = settings(actors=1, score_batch_size=8, rows_per_file=8)
+    score.score(s, trained_model, str(local_archive), str(output), RUN_DATE)
+    before = _rows(str(output))
+    partition = Path(layout.partition(str(output), RUN_DATE))
+    staging, checkpoints = output / "_staging" / f"run_date={RUN_DATE}", output / "_checkpoints" / f"run_date={RUN_DATE}"
+    staging.mkdir(parents=True)
+    checkpoints.mkdir(parents=True)
+    staged = sorted(partition.glob("*.parquet"))[:2]
+    for path in staged:
+        shutil.move(path, staging / path.name)
+    uris = [u for path in staging.iterdir() for u in pq.read_table(path, columns=["image_uri"]).column("image_uri").to_pylist()]
+    pq.write_table(pa.table({"image_uri": uris}), checkpoints / "block-1.parquet")
+    for night in ("2026-11-24", RUN_DATE):
+        (output / "_inputs" / f"run_date={night}").mkdir(parents=True)
+        pq.write_table(pa.table({"image_uri": uris}), output / "_inputs" / f"run_date={night}" / "inputs.parquet")
+    (partition / layout.SUMMARY).unlink()
+
+    with caplog.at_level("WARNING", logger="melanoma.commit"):
+        summary = score.score(s, trained_model, str(local_archive), str(output), RUN_DATE)
+        score.score(s, trained_model, str(local_archive), str(output), RUN_DATE)
+    said = [r.getMessage() for r in caplog.records if "earlier version" in r.getMessage()]
+    assert len(said) == 1 and "_inputs, _staging, _checkpoints: 3 staged or checkpoint files" in said[0], said
+    assert summary["files_written"] == 2 and summary["scored_this_run"] == 0
+    assert summary["rows"] == summary["unique_images"] == len(before) == 28
+    assert _rows(str(output)) == before
+    assert [p.name for p in output.iterdir()] == [f"run_date={RUN_DATE}"]
 
 
 @pytest.mark.timeout(120)

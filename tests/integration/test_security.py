@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from melanoma import registry, score
+from melanoma import layout, registry
 from melanoma.config import CLASS_NAMES
 from services import listening_addresses
 
@@ -131,7 +131,7 @@ def run(s3, ray_cluster, shared_data, tmp_path_factory) -> Run:
 
 
 def rows(output: Path) -> list[dict]:
-    return pads.dataset(score.partition(str(output), RUN_DATE), format="parquet").to_table().to_pylist()
+    return pads.dataset(layout.partition(str(output), RUN_DATE), format="parquet").to_table().to_pylist()
 
 
 # ---------------------------------------------------------------- credentials
@@ -155,7 +155,7 @@ def test_credentials_never_appear_in_anything_written(run, s3, ray_cluster):
     secrets_ = {"the S3 secret key": s3.secret_key, "the wrong S3 secret key": run.wrong_secret,
                 "the Ray auth token": ray_cluster.token}  # fmt: skip
     written = {str(p): p.read_bytes() for p in files_below(run.output)}
-    assert any(p.endswith(".parquet") for p in written) and any(p.endswith(score.SUMMARY) for p in written)
+    assert any(p.endswith(".parquet") for p in written) and any(p.endswith(layout.SUMMARY) for p in written)
     client = s3.client()
     models_bucket, _, prefix = run.models.removeprefix("s3://").partition("/")
     for item in client.list_objects_v2(Bucket=models_bucket, Prefix=prefix)["Contents"]:
