@@ -108,6 +108,30 @@ def sql(scores_uri: str, statement: str) -> pa.Table:
         con.close()
 
 
+def night_counts(scores_uri: str, run_date: str) -> pa.Table:
+    """One night's rows per model version: images, scored, errors, flagged (only that night's files are read)."""
+    return _on_night(
+        scores_uri,
+        run_date,
+        "SELECT model_version, count(*) AS images, count(*) FILTER (WHERE error IS NULL) AS scored, "
+        "count(*) FILTER (WHERE error IS NOT NULL) AS errors, count(*) FILTER (WHERE flagged) AS flagged "
+        "FROM scores GROUP BY model_version ORDER BY model_version",
+    )
+
+
+def night_risks(scores_uri: str, run_date: str) -> pa.Table:
+    """The melanoma_risk of every image scored that night (rows with an error have none)."""
+    return _on_night(scores_uri, run_date, "SELECT melanoma_risk FROM scores WHERE error IS NULL")
+
+
+def _on_night(scores_uri: str, run_date: str, statement: str) -> pa.Table:
+    con = connect(scores_uri, [iso_date(run_date)])
+    try:
+        return _run(con, statement)
+    finally:
+        con.close()
+
+
 def query(
     scores_uri: str,
     date: str | None = None,

@@ -17,11 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import make_image
 
-from melanoma import query, registry, report, score
-from melanoma.config import CLASS_NAMES, MELANOMA, snake_case
+from melanoma import ensemble, gradcam, layout, query, registry, report
+from melanoma import model as architectures
+from melanoma.config import ARCHS, CLASS_NAMES, MELANOMA, snake_case
 
 NIGHTS = ("2026-11-26", "2026-11-27")
 HOSTILE = '"><img src=x onerror=alert(1)>'
+ESCAPED = "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;"  # as Jinja2 (MarkupSafe) escapes it
 VERSION = "20261125-000000-tiny"
 
 
@@ -61,7 +63,7 @@ def scores(tmp_path) -> str:
         row(f"{archive}/broken.jpg", None, "truncated or corrupt image: <bytes>"),
     ]
     second = [row(f"{archive}/a.jpg", 0.3), row(f"{archive}/low.jpg", 0.55)]
-    schema = score.output_schema(list(CLASS_NAMES))
+    schema = layout.output_schema(list(CLASS_NAMES))
     for night, rows in zip(NIGHTS, (first, second)):
         (tmp_path / "scores" / f"run_date={night}").mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "scores" / f"run_date={night}" / "part-0.parquet")
@@ -102,12 +104,12 @@ def test_morning_report_escapes_names_and_survives_missing_pictures(scores, tmp_
 
     page = out.read_text()
     assert (result["flagged"], result["shown"], result["heatmaps"], result["errors"]) == (4, 4, 0, 1)
-    assert "<script" not in page and "<img src=x" not in page and "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<script" not in page and "<img src=x" not in page and ESCAPED in page
     assert page.count('class="thumb"') == 3  # a.jpg, the hostile name, the tar member
     assert page.count('class="missing"') == 1 and "gone.jpg: no such file" in page
     assert "truncated or corrupt image: &lt;bytes&gt;" in page
     assert "No model given (--model)" in page
-    ids = ("a", "c", "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;", "gone")  # riskiest first
+    ids = ("a", "c", ESCAPED, "gone")  # riskiest first
     ranks = [page.index(f'<div class="id">{name}</div>') for name in ids]
     assert ranks == sorted(ranks), "lesions are not riskiest first"
 
@@ -145,26 +147,64 @@ def test_report_refuses_a_model_that_did_not_score_the_night(scores, tmp_path):
     assert f"the night was scored with {VERSION}: no heatmaps, no threshold" in (tmp_path / "report.html").read_text()
 
 
-def test_grad_cam_points_at_what_raised_the_risk():
-    """A model whose melanoma logit is the mean red of its 1x1-conv feature map: the heat must sit on the red square."""
+def red_model(keras, scale: float = 5.0):
+    """A model whose melanoma logit is `scale` x the mean red of its 1x1-conv feature map."""
     import numpy as np
 
-    keras = pytest.importorskip("keras")
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 255)(inputs)
-    red = keras.layers.Conv2D(1, 1, use_bias=False, activation="relu", name="red")
+    red = keras.layers.Conv2D(1, 1, use_bias=False, activation="relu")
     x = keras.layers.GlobalAveragePooling2D()(red(x))
     dense = keras.layers.Dense(len(CLASS_NAMES), activation="softmax")
     model = keras.Model(inputs, dense(x))
     red.set_weights([np.array([1.0, 0.0, 0.0], dtype="float32").reshape(1, 1, 3, 1)])
     weights = np.zeros((1, len(CLASS_NAMES)), dtype="float32")
-    weights[0, CLASS_NAMES.index(MELANOMA)] = 5.0
+    weights[0, CLASS_NAMES.index(MELANOMA)] = scale
     dense.set_weights([weights, np.zeros(len(CLASS_NAMES), dtype="float32")])
-    picture = np.full((64, 64, 3), 40, dtype=np.uint8)
-    picture[8:24, 40:56, 0] = 250  # a red square, top right
-    loaded = registry.LoadedModel(model, {"class_names": list(CLASS_NAMES), "input_size": [32, 32, 3]}, "memory")
+    return model
 
-    heat = report._grad_cam(loaded)(picture)
+
+def red_square():
+    import numpy as np
+
+    picture = np.full((64, 64, 3), 40, dtype=np.uint8)
+    picture[8:24, 40:56, 0] = 250  # top right
+    return picture
+
+
+def loaded(model, size: int = 32) -> registry.LoadedModel:
+    return registry.LoadedModel(model, {"class_names": list(CLASS_NAMES), "input_size": [size, size, 3]}, "memory")
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_grad_cam_points_at_what_raised_the_risk(members):
+    """One red model, or an ensemble of two (nested models): the heat must sit on the red square."""
+    keras = pytest.importorskip("keras")
+    model = red_model(keras) if members == 1 else ensemble.build([red_model(keras, 5.0), red_model(keras, 2.0)])
+
+    heat = gradcam.grad_cam(loaded(model))(red_square())
 
     assert heat.shape == (32, 32) and heat.max() == 1.0
     assert heat[4:12, 20:28].min() > 0.75 and heat[20:, :16].max() < 0.3
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "default"])
+def test_grad_cam_uses_the_pooled_feature_map_of_every_architecture(arch):
+    """Not the input, a resizing or an augmentation layer (4-D outputs at full size too): the downsampled map that
+    the classifier pools; and a heat map comes out."""
+    pytest.importorskip("keras")
+    net = architectures.build(arch, len(CLASS_NAMES), 64)
+
+    features = gradcam.feature_map(net)
+
+    assert len(features.shape) == 4 and features.shape[1] < 64 and features.shape[-1] > 3
+    heat = gradcam.grad_cam(loaded(net, 64))(red_square())
+    assert heat.shape == (64, 64) and 0 <= heat.min() and heat.max() <= 1
+
+
+def test_grad_cam_refuses_a_model_without_a_feature_map():
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(len(CLASS_NAMES))])
+
+    with pytest.raises(registry.ModelError, match="no convolutional feature map before its classifier"):
+        gradcam.grad_cam(loaded(model, 8))
