@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from melanoma import cli, dataset, ensemble, images, registry, report, storage, train
+from melanoma import cli, dataset, ensemble, gradcam, images, registry, storage, train
 from melanoma.config import settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -53,7 +53,7 @@ def test_ensemble_is_the_mean_of_its_members_and_is_calibrated(trained_model, se
     assert card["calibration"]["at_threshold"]["sensitivity"] >= 0.9
     assert card["temperature"] > 0
 
-    heat = report._grad_cam(loaded)(x[0].astype(np.uint8))
+    heat = gradcam.grad_cam(loaded)(x[0].astype(np.uint8))
     assert heat.shape == (settings().image_size, settings().image_size)
     assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
 
