@@ -26,7 +26,7 @@ import ray.train
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from melanoma import augment, dataset, images, metrics, registry, storage
+from melanoma import augment, dataset, images, metrics, registry, runtime, sources, storage
 from melanoma.config import CLASS_NAMES, MELANOMA, Settings
 
 log = logging.getLogger(__name__)
@@ -45,24 +45,21 @@ def load_images(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side:
 
 
 def training_tables(data_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rows = train split + its augmented samples, val rows = val split), with label_index."""
-    manifest = dataset.read_manifest(data_uri)
+    """(train rows = train split + its augmented samples, val rows = val split), with label_index
+    (-1 for an image known only as not a melanoma). Test rows are never read here."""
+    manifest = sources.with_source_columns(dataset.read_manifest(data_uri))
     augmented = augment.read_augmented(data_uri)
     train = manifest[manifest["split"] == "train"]
     if augmented is not None:
-        train = pd.concat([train, augmented], ignore_index=True)
+        train = pd.concat([train, augmented.assign(melanoma=(augmented["label"] == MELANOMA).astype(int))], ignore_index=True)
     val = manifest[manifest["split"] == "val"]
-    for frame in (train, val):
-        frame["label_index"] = frame["label"].map(CLASS_NAMES.index)
-    return train.reset_index(drop=True), val.reset_index(drop=True)
+    return with_label_index(train), with_label_index(val)
 
 
-def class_weights(labels: pd.Series, cap: float = 0.0) -> list[float]:
-    """Balanced weights n / (k * n_c), at most `cap` when cap > 0; classes absent from training get weight 0."""
-    counts = labels.value_counts()
-    present = len(counts)
-    weights = [float(len(labels) / (present * counts[i])) if i in counts else 0.0 for i in range(len(CLASS_NAMES))]
-    return [min(w, cap) for w in weights] if cap > 0 else weights
+def with_label_index(rows: pd.DataFrame) -> pd.DataFrame:
+    out = rows.reset_index(drop=True).copy()
+    out["label_index"] = [CLASS_NAMES.index(label) if isinstance(label, str) else -1 for label in out["label"]]
+    return out
 
 
 def _threads(s: Settings) -> int:
@@ -99,6 +96,27 @@ def _image_dataset(rows: pd.DataFrame, s: Settings) -> ray.data.Dataset:
     )
 
 
+def _read_shard(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's share of a dataset, read once into memory: every epoch is then drawn from it locally, so
+    no epoch waits on Ray Data's split coordinator."""
+    images_, labels = [], []
+    for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=1024, batch_format="numpy"):
+        images_.append(batch["image"])
+        labels.append(batch["label"])
+    return np.concatenate(images_), np.concatenate(labels)
+
+
+def epoch_draw(labels: np.ndarray, n: int, power: float, seed: int) -> np.ndarray:
+    """n row indices, each row drawn with probability proportional to n_class ** -power (images without a
+    class, label -1, form a class of their own); power 0 and n = len(labels) is a plain shuffle."""
+    rng = np.random.default_rng(seed)
+    if power == 0 and n == len(labels):
+        return rng.permutation(n)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    weights = counts[inverse].astype(float) ** -power
+    return rng.choice(len(labels), size=n, replace=True, p=weights / weights.sum())
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. Rank 0 reports the checkpoint; every rank saves its own copy."""
     import keras
@@ -112,12 +130,17 @@ def train_loop(config: dict) -> None:
     keras.utils.set_random_seed(config["seed"])
 
     ctx = ray.train.get_context()
-    world = ctx.get_world_size()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     global_batch = config["batch_size"]
     per_worker = max(global_batch // world, 1)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    train_x, train_y = _read_shard("train")
+    val_x, val_y = _read_shard("val")
+    # The shards are equal, so every worker runs the same number of steps (each step's all-reduce waits for all).
+    train_steps = max(int(config["epoch_images"]) // world // per_worker, 1)
+    size, lowres_share, min_side = int(config["image_size"]), float(config["lowres_share"]), int(config["lowres_min_side"])
 
     state = {"epoch": 0, "best_val_loss": None, "bad_epochs": 0, "history": []}
     best_model = os.path.join(tempfile.mkdtemp(), BEST_MODEL)
@@ -130,24 +153,24 @@ def train_loop(config: dict) -> None:
                 shutil.copy(os.path.join(d, BEST_MODEL), best_model)
                 model = keras.models.load_model(os.path.join(d, LAST_MODEL))
         else:
-            model = architectures.build(config["arch"], len(CLASS_NAMES), config["image_size"])
+            model = architectures.build(config["arch"], len(CLASS_NAMES), size)
+            architectures.freeze_backbone(model, int(config["freeze_blocks"]))
             model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config)))
-        weights = tf.constant(config["class_weights"], dtype=tf.float32)
     optimizer = model.optimizer
-    smoothing = float(config.get("label_smoothing", 0.0))
+    melanoma_index = CLASS_NAMES.index(MELANOMA)
+
+    def per_example_loss(y, probs):
+        """Cross-entropy of the class; for an image known only as not a melanoma (y = -1), -log(1 - p_melanoma)."""
+        p_class = tf.gather(probs, tf.maximum(y, 0), batch_dims=1)
+        p = tf.where(y >= 0, p_class, 1.0 - probs[:, melanoma_index])
+        return -tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))
 
     @tf.function
     def train_step(x, y):
         def step(x, y):
             with tf.GradientTape() as tape:
-                probs = model(tf.cast(x, tf.float32), training=True)
-                if smoothing > 0:
-                    targets = tf.one_hot(y, len(CLASS_NAMES))
-                    per_example = keras.losses.categorical_crossentropy(targets, probs, label_smoothing=smoothing)
-                else:
-                    per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
-                per_example = per_example * tf.gather(weights, y)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                probs = model(x, training=True)
+                loss = tf.nn.compute_average_loss(per_example_loss(y, probs), global_batch_size=global_batch)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
@@ -157,33 +180,37 @@ def train_loop(config: dict) -> None:
     @tf.function
     def val_step(x, y):
         def step(x, y):
-            probs = model(tf.cast(x, tf.float32), training=False)
-            loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs))
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, axis=1), y), tf.float32))
-            return tf.stack([loss, correct, tf.cast(tf.shape(y)[0], tf.float32)])
+            probs = model(x, training=False)
+            labelled = tf.cast(y >= 0, tf.float32)
+            correct = tf.reduce_sum(labelled * tf.cast(tf.equal(tf.argmax(probs, axis=1), y), tf.float32))
+            total = tf.cast(tf.shape(y)[0], tf.float32)
+            return tf.stack([tf.reduce_sum(per_example_loss(y, probs)), correct, tf.reduce_sum(labelled), total])
 
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(x, y)), axis=None)
 
-    def batches(name: str, epoch: int, shuffle: bool):
-        # drop_last: the shards are equal-sized, so every worker runs the same steps, and no step sees a
-        # one-image batch (a 3,330-row epoch over 2 workers x 16 left one, and the train step failed on it).
-        shard = ray.train.get_dataset_shard(name)
-        ds = shard.to_tf(
-            "image",
-            "label",
-            batch_size=per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=config["shuffle_buffer_size"] if shuffle else None,
-            local_shuffle_seed=config["seed"] + epoch if shuffle else None,
-        )
+    def lowres(x, y):
+        """A share of the images shrunk to a random side and enlarged back: blur is seen in every class and source."""
+        x = tf.cast(x, tf.float32)
+        side = tf.random.uniform([], min_side, size + 1, dtype=tf.int32)
+        blurred = tf.image.resize(tf.image.resize(x, [side, side], antialias=True), [size, size])
+        return tf.where(tf.random.uniform([]) < lowres_share, blurred, x), y
+
+    def batches(x, y, order, train: bool):
+        signature = (tf.TensorSpec(x.shape[1:], tf.uint8), tf.TensorSpec((), tf.int64))
+        ds = tf.data.Dataset.from_generator(lambda: ((x[i], y[i]) for i in order), output_signature=signature)
+        ds = ds.map(lowres) if train else ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
+        ds = ds.batch(per_worker, drop_remainder=True).prefetch(2)
         return strategy.experimental_distribute_dataset(ds.with_options(options))
 
     for epoch in range(state["epoch"], config["epochs"]):
         started = time.time()
-        losses = [float(train_step(x, y)) for x, y in batches("train", epoch, shuffle=True)]
+        draw_seed = config["seed"] * 1000 + epoch * 10 + rank
+        order = epoch_draw(train_y, train_steps * per_worker, float(config["balance_power"]), draw_seed)
+        losses = [float(train_step(x, y)) for x, y in batches(train_x, train_y, order, train=True)]
         train_seconds = time.time() - started
-        totals = np.sum([val_step(x, y).numpy() for x, y in batches("val", epoch, shuffle=False)], axis=0)
-        val_loss, val_accuracy = float(totals[0] / totals[2]), float(totals[1] / totals[2])
+        val_batches = batches(val_x, val_y, np.arange(len(val_y)), train=False)
+        totals = np.sum([val_step(x, y).numpy() for x, y in val_batches], axis=0)
+        val_loss, val_accuracy = float(totals[0] / totals[3]), float(totals[1] / max(totals[2], 1))
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
         state["epoch"] = epoch + 1
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
@@ -206,8 +233,12 @@ def train_loop(config: dict) -> None:
             shutil.copy(best_model, os.path.join(d, BEST_MODEL))
             with open(os.path.join(d, STATE_FILE), "w") as f:
                 json.dump(state, f)
-            reported = ray.train.Checkpoint.from_directory(d) if ctx.get_world_rank() == 0 else None
+            reported = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
             ray.train.report(epoch_metrics, checkpoint=reported)
+        if rank == 0:  # Ray Train has no driver-side callback for reports: the driver's bar reads this
+            config["progress"].reach(state["epoch"], f"epoch {state['epoch']}/{config['epochs']}: train loss "
+                                     f"{epoch_metrics['train_loss']:.3f}, val loss {val_loss:.3f}, val accuracy "
+                                     f"{val_accuracy:.3f} ({epoch_metrics['epoch_seconds']:.0f} s)")  # fmt: skip
         if stop:
             break
 
@@ -237,9 +268,20 @@ def _file_sha256(uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
+RECIPE_FIELDS = (
+    "arch", "image_size", "epochs", "batch_size", "learning_rate", "lr_schedule", "patience", "freeze_blocks",
+    "epoch_images", "balance_power", "lowres_share", "lowres_min_side",
+)
+
+
+def recipe(s: Settings) -> dict:
+    """The settings that make a training what it is (in the card, and in the run name)."""
+    return {name: getattr(s, name) for name in RECIPE_FIELDS}
+
+
 def run_name_for(s: Settings, data_uri: str) -> str:
     """Same command, same run: rerunning resumes from the last checkpoint."""
-    key = f"{data_uri}|{s.arch}|{s.epochs}|{s.batch_size}|{s.learning_rate}|{s.seed}|{s.workers}"
+    key = json.dumps([data_uri, recipe(s), s.seed, s.workers], sort_keys=True)
     return f"{s.arch}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -251,42 +293,37 @@ def train(s: Settings, data_uri: str, model_dir: str, storage_uri: str | None = 
         raise dataset.DatasetError(
             f"{data_uri}: {len(train_rows)} train and {len(val_rows)} val images; each split needs at least one batch ({s.batch_size})"
         )
+    epoch_images = min(s.epoch_images, len(train_rows)) if s.epoch_images > 0 else len(train_rows)
     storage_uri = storage_uri or storage.join(model_dir, "_runs")
     run_name = run_name or run_name_for(s, data_uri)
     fs, path = storage.pyarrow_fs(storage_uri)
     log.info("training %s on %d images (%d val) with %d workers, run %s", s.arch, len(train_rows), len(val_rows), s.workers, run_name)
-    trainer = TensorflowTrainer(
-        train_loop,
-        train_loop_config={
-            "arch": s.arch,
-            "image_size": s.image_size,
-            "epochs": s.epochs,
-            "batch_size": s.batch_size,
-            "learning_rate": s.learning_rate,
-            "patience": s.patience,
-            "seed": s.seed,
-            "class_weights": class_weights(train_rows["label_index"], s.class_weight_cap),
-            "threads_per_worker": _threads(s),
-            "shuffle_buffer_size": s.shuffle_buffer_size,
-            "lr_schedule": s.lr_schedule,
-            "label_smoothing": s.label_smoothing,
-            "steps_per_epoch": -(-len(train_rows) // s.batch_size),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=s.workers,
-            use_gpu=s.gpus_per_worker > 0,
-            resources_per_worker={"CPU": 1, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker > 0 else {})},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=path,
-            storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": _image_dataset(train_rows, s), "val": _image_dataset(val_rows, s)},
-    )
+    datasets = {"train": _image_dataset(train_rows, s), "val": _image_dataset(val_rows, s)}
     started = time.time()
-    result = trainer.fit()
+    with runtime.remote_progress(s.epochs, "train", "epoch") as progress:
+        trainer = TensorflowTrainer(
+            train_loop,
+            train_loop_config=recipe(s) | {
+                "seed": s.seed,
+                "threads_per_worker": _threads(s),
+                "epoch_images": epoch_images,
+                "steps_per_epoch": -(-epoch_images // s.batch_size),
+                "progress": progress,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=s.workers,
+                use_gpu=s.gpus_per_worker > 0,
+                resources_per_worker={"CPU": 1, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker > 0 else {})},
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=path,
+                storage_filesystem=fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+            datasets=datasets,
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint: {result.error}")
     import keras
@@ -301,11 +338,7 @@ def train(s: Settings, data_uri: str, model_dir: str, storage_uri: str | None = 
         "epochs_run": state["epoch"],
         "history": state["history"],
         "workers": s.workers,
-        "recipe": {
-            "image_size": s.image_size, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
-            "lr_schedule": s.lr_schedule, "label_smoothing": s.label_smoothing,
-            "class_weight_cap": s.class_weight_cap, "epochs": s.epochs, "patience": s.patience,
-        },
+        "recipe": recipe(s),
         "run_name": run_name,
         "training_seconds": round(time.time() - started, 1),
     }
