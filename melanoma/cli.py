@@ -99,26 +99,54 @@ def _augment(args) -> None:
     print(f"augmented: {len(samples)} samples from the training split -> {args.work}/{augment.AUGMENTED_DIR}")
 
 
-def ham10000(sub) -> None:
-    c = _command(sub, "ham10000", _ham10000, "Add HAM10000 images to a split's training (and validation) data, split by lesion.")
-    c.add_argument("work", help="work directory from `split`")
-    c.add_argument("--ham", required=True, help="HAM10000 root: HAM10000_metadata.csv and images/<image_id>.jpg")
-    c.add_argument("--out", required=True, help="new work directory for `melanoma train --data`, local or s3://")
-    c.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction, help="of HAM lesions, held out from training")
-    c.add_argument("--val-to-manifest", type=float, default=0.5,
-                   help="of those held-out lesions, joining the validation split (early stopping, calibration); "
-                        "the rest stay untouched in ham_val.parquet as a test set")  # fmt: skip
-    c.add_argument("--max-train-nevus", type=int, default=2000, help="cap on HAM nevus training images (0: all)")
+def add_source(sub) -> None:
+    c = _command(sub, "add-source", _add_source,
+                 "Add a labelled source to a work dir: deduplicated by content, split by patient or lesion into train/val/test.",
+                 check=lambda a: "--labels needs --images" if a.labels and not a.images else None)
+    c.add_argument("work", help="work directory from `split`, local or s3://")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("--labels", help="CSV with image_id, label (may be empty), melanoma (0/1), lesion_id, patient_id"
+                                        " [, source]; needs --images")  # fmt: skip
+    where.add_argument("--ham10000", metavar="ROOT", help="HAM10000 root: HAM10000_metadata.csv and images/<image_id>.jpg")
+    c.add_argument("--images", help="folder or prefix holding <image_id>.jpg for --labels, local or s3://")
+    c.add_argument("--name", help="the source's name in the manifest (default: 'ham10000', or the CSV's folder name)")
+    c.add_argument("--val-fraction", type=float, default=0.1, help="share of groups (patients, lesions) for validation")
+    c.add_argument("--test-fraction", type=float, default=0.1, help="share of groups held out as a test set")
     c.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split")
 
 
-def _ham10000(args) -> None:
-    from melanoma import ham10000
+def _add_source(args) -> None:
+    from melanoma import ham10000, sources, storage
 
-    caps = {"nevus": args.max_train_nevus} if args.max_train_nevus else None
-    report = ham10000.build_work(args.work, args.ham, args.out, args.val_fraction, args.seed, caps,
-                                 val_to_manifest=args.val_to_manifest)  # fmt: skip
-    print(console.ham10000_line(report, args.work, args.out))
+    if args.ham10000:
+        name, read = args.name or ham10000.NAME, lambda: ham10000.read_source(args.ham10000)
+    else:
+        name = args.name or storage.join(args.labels).rstrip("/").split("/")[-2]
+        read = lambda: sources.read_labels(args.labels, args.images, name)  # noqa: E731
+    report = sources.add_source(args.work, name, read, args.val_fraction, args.test_fraction, args.seed)
+    print(console.source_line(name, report, args.work))
+
+
+def pipeline(sub) -> None:
+    c = _command(sub, "pipeline", _pipeline,
+                 "From the labelled data to the published default model: split, augment, add the sources, train.", logs=True)
+    c.add_argument("--data-root", required=True,
+                   help="holds isic-9class/Train/, labels/, ham10000/ and isic-extra/ (as ../shared/data), local or s3://")
+    c.add_argument("--work", required=True, help="work directory, local or s3://; steps whose output is there are skipped")
+    c.add_argument("--model-dir", required=True, help="registry root to publish to, local or s3://")
+    c.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="at most this many epochs (early stopping may end sooner)")
+    c.add_argument("--workers", type=int, default=DEFAULTS.workers, help="Ray Train workers")
+    c.add_argument("--gpus-per-worker", type=float, default=DEFAULTS.gpus_per_worker, help="GPUs each worker asks for")
+    c.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the splits, the sampling and the weights")
+    c.add_argument("--address", help=RAY_ADDRESS_HELP)
+
+
+def _pipeline(args) -> None:
+    from melanoma import pipeline
+
+    s = settings(epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker, seed=args.seed)
+    runtime.connect(args.address, args.verbose)
+    print(console.card_line(pipeline.run(s, args.data_root, args.work, args.model_dir), args.model_dir))
 
 
 # ---------------------------------------------------------------- models
@@ -322,7 +350,7 @@ def _demo(args) -> None:
     print(demo.closing_lines(demo.run(args.data, args.archive_source, args.epochs, args.archive_images, verbose=args.verbose)))
 
 
-COMMANDS = (audit, split, augment, ham10000, train, ensemble, score, nightly, query, report, submit, demo)
+COMMANDS = (audit, split, augment, add_source, pipeline, train, ensemble, score, nightly, query, report, submit, demo)
 
 
 def parser() -> argparse.ArgumentParser:

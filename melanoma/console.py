@@ -107,13 +107,15 @@ def split_line(manifest, out: str) -> str:
     return f"manifest: {len(manifest)} images ({counts.get('train', 0)} train, {counts.get('val', 0)} val) -> {out}"
 
 
-def ham10000_line(report: dict, work: str, out: str) -> str:
-    train_n = sum(report["per_split"]["train"].values())
-    moved = sum(report["val_to_manifest"]["per_class"].values())
-    test_n = sum(report["per_split"]["val"].values()) - moved
+def source_line(name: str, report: dict, work: str) -> str:
+    if report.get("skipped"):
+        return f"{name}: already in {work}, skipped"
+    per_split = {split: sum(counts.values()) for split, counts in report["per_split"].items()}
+    melanomas = report["melanomas_per_split"]
     return (
-        f"HAM10000: {train_n} training images, {moved} validation images joined the manifest, {test_n} held out; "
-        f"{report['dropped_lesions_touching_9class']} lesions dropped (already in {work}) -> {out}"
+        f"{name}: " + ", ".join(f"{per_split.get(k, 0)} {k} ({melanomas.get(k, 0)} melanomas)" for k in ("train", "val", "test"))
+        + f"; {report['duplicate_contents_dropped']} duplicate contents and {report['images_dropped_with_them']} images of "
+        f"{report['groups_touching_work_dir_dropped']} groups already in the work dir dropped -> {work}"
     )
 
 

@@ -139,7 +139,6 @@ def add_source(
     }
     storage.write_parquet(storage.join(work_uri, dataset.MANIFEST), combined)
     storage.write_bytes(storage.join(work_uri, SOURCES), json.dumps(added | {name: report}, indent=2).encode())
-    log.info("source %s: %s", name, report["per_split"])
     return report
 
 

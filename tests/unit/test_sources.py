@@ -171,3 +171,17 @@ def test_ham10000_metadata_with_an_unknown_diagnosis_is_one_line(tmp_path):
     pd.DataFrame([{"lesion_id": "L", "image_id": "ISIC_1", "dx": "xyz"}]).to_csv(tmp_path / ham10000.METADATA)
     with pytest.raises(dataset.DatasetError, match="HAM10000_metadata.csv: unknown dx 'xyz'"):
         ham10000.read_source(str(tmp_path))
+
+
+def test_the_cli_adds_a_source_and_refuses_labels_without_images(tmp_path, capsys):
+    from melanoma import cli
+
+    work = nine_class_work(tmp_path)
+    csv, images = write_source(tmp_path / "clinic-a", patients_source(8, 2))
+    assert cli.main(["add-source", str(work), "--labels", csv, "--images", images]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("clinic-a: ") and "test (" in out
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["add-source", str(work), "--labels", csv])
+    assert usage.value.code == 2
+    assert "--labels needs --images" in capsys.readouterr().err
