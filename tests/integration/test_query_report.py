@@ -1,7 +1,7 @@
 """melanoma.query and melanoma.report on a dataset written by the real scorer (Ray cluster, SeaweedFS), and the
 HTML reports opened in a real browser (Debian's chromium, headless).
 
-The models are real model files, untrained: the default architecture with a random output layer scaled up, so
+The models are real model files, untrained: a from-scratch architecture with a random output layer scaled up, so
 that images get different risks. Two nights are scored, each by another model version, over the same archive of
 40 HAM10000 images (four of them inside a tar shard) plus one corrupt file with a hostile name.
 """
@@ -37,6 +37,9 @@ NIGHTS = ("2026-11-26", "2026-11-27")
 EVIL = "<img src=x onerror=alert(1)>"  # a file name an archive may hold: it must never become markup
 TEMPERATURE = 0.5
 IMAGE_SIZE = 180
+# Untrained ImageNet features (the default architecture) drive such a head's melanoma risk to 1.0 for every image,
+# and ties would hide which lesions are the riskiest; a from-scratch network spreads the risks.
+ARCH = "residual-sep-v2"
 WINDOW = (1200, 3000)
 # Written into a copy of a report: what the browser made of each <img>, read back with --dump-dom.
 PROBE = """<pre id="render-check" style="display:none"></pre><script>
@@ -59,12 +62,12 @@ class Scored:
 
 
 def _untrained(seed: int, path: Path, kernel_scale: float, melanoma_positive: bool):
-    """The default architecture, untrained, with a random output layer of the given scale, so that images get
+    """ARCH, untrained, with a random output layer of the given scale, so that images get
     different risks; with all melanoma weights positive, Grad-CAM has regions to show."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    net = architectures.build("default", len(CLASS_NAMES), IMAGE_SIZE)
+    net = architectures.build(ARCH, len(CLASS_NAMES), IMAGE_SIZE)
     dense = net.get_layer("probabilities")
     kernel = np.random.default_rng(seed).normal(0, kernel_scale, dense.kernel.shape).astype("float32")
     if melanoma_positive:
@@ -124,7 +127,7 @@ def scored(s3, ray_cluster, shared_data, tmp_path_factory) -> Scored:
             del validation["roc"]
         card = {
             "version": f"20261125-00000{seed}-untrained",
-            "arch": "default",
+            "arch": ARCH,
             "class_names": list(CLASS_NAMES),
             "positive_class": MELANOMA,
             "input_size": [IMAGE_SIZE, IMAGE_SIZE, 3],
