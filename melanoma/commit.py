@@ -51,7 +51,8 @@ def adopt_legacy(night: Night) -> int:
     (input lists, rewritten by every run). Returns the number of files moved."""
     fs, root = storage.pyarrow_fs(night.scores_uri)
     _, work = storage.pyarrow_fs(night.work_root)
-    found = [d for d in LEGACY_DIRS if fs.get_file_info(f"{root}/{d}").type == pafs.FileType.Directory]
+    entries = {e.base_name for e in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+    found = [d for d in LEGACY_DIRS if d in entries]
     moved = 0
     for name in found:
         if name != "_inputs":
