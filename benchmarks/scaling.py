@@ -456,7 +456,7 @@ def mode_archive(args) -> None:
             if layout == "shards":
                 reads, nbytes = shard_listing_reads(uri)
                 print(f"    listing the shards read {nbytes / 2**20:.1f} MiB of {stats[layout]['bytes'] / 2**20:.1f} MiB "
-                      f"in {reads} reads (ranged GETs), {archive.LIST_THREADS} shards at a time")
+                      f"in {reads} reads (ranged GETs), {settings().list_threads} shards at a time")
             else:
                 print(f"    (pyarrow lists recursively without a delimiter: {-(-rows // 1000)} ListObjectsV2 pages of <= 1000 keys)")
             sample = archive.list_inputs(uri)[0].head(args.fetches)

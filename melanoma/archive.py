@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 
 from melanoma import storage
-from melanoma.config import IMAGE_SUFFIXES
+from melanoma.config import IMAGE_SUFFIXES, settings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ INPUT_COLUMNS = ["image_uri", "image_id", "shard_uri", "offset", "size"]
 # ranged read of at most MAX_SPAN bytes; the bytes between them are read and dropped.
 MAX_GAP = 64 * 1024
 MAX_SPAN = 8 * 1024 * 1024
-LIST_THREADS = 8
 
 
 def image_id(name: str) -> str:
@@ -58,7 +57,7 @@ def _shard_members(uri: str) -> list[dict]:
 
 def list_inputs(archive_uri: str) -> tuple[pd.DataFrame, int]:
     """(one row per input image in path order, number of other files skipped). Raises StorageError if the
-    prefix is missing. Shards are read LIST_THREADS at a time."""
+    prefix is missing. Shards are read Settings.list_threads at a time."""
     entries, shards, skipped = [], [], 0
     fs, _ = storage.pyarrow_fs(archive_uri)
     for f in storage.list_files(archive_uri):
@@ -71,7 +70,7 @@ def list_inputs(archive_uri: str) -> tuple[pd.DataFrame, int]:
             shards.append(uri)
         else:
             skipped += 1
-    with ThreadPoolExecutor(LIST_THREADS) as pool:
+    with ThreadPoolExecutor(settings().list_threads) as pool:
         members = dict(zip(shards, pool.map(_shard_members, shards)))
     rows = [row for entry in entries for row in (members[entry] if isinstance(entry, str) else entry)]
     if skipped:

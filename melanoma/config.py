@@ -94,6 +94,10 @@ class Settings:
     gpus_per_actor: float = 0.0
     # Concurrent reads per prepare batch: hides S3 request latency (each read waits on the network, not a CPU).
     fetch_threads: int = 8
+    # Tar shards read at once when an archive is listed (a shard is read through for its member headers).
+    list_threads: int = 8
+    # Files read and hashed at once when a labelled dataset is audited, split or added to.
+    hash_threads: int = 16
     rows_per_file: int = 5000  # at most; a killed run loses at most one unwritten file per write task
     max_image_pixels: int = 64_000_000  # larger declared sizes are refused as decompression bombs
     max_decoded_side: int = 1024  # larger images are downscaled on decode to bound memory

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from melanoma import storage
-from melanoma.config import CLASS_NAMES, GROUND_TRUTH_CODES, IMAGE_SUFFIXES
+from melanoma.config import CLASS_NAMES, GROUND_TRUTH_CODES, IMAGE_SUFFIXES, settings
 from melanoma.console import progress
 from melanoma.errors import MelanomaError
 
@@ -50,7 +50,7 @@ def _hash_image(uri: str) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def scan(root: str, threads: int = 16) -> pd.DataFrame:
+def scan(root: str) -> pd.DataFrame:
     """One row per file: uri, label (class folder), image_id, sha256, bytes."""
     files = storage.list_files(root)
     if not files:
@@ -67,7 +67,7 @@ def scan(root: str, threads: int = 16) -> pd.DataFrame:
     unknown = sorted({r["label"] for r in rows} - set(CLASS_NAMES))
     if unknown:
         raise DatasetError(f"{root}: unknown class folder '{unknown[0]}' (expected one of {', '.join(CLASS_NAMES)})")
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(settings().hash_threads) as pool:
         hashed = list(progress(pool.map(_hash_image, [r["uri"] for r in rows]), total=len(rows), desc="hash", unit="img"))
     df = pd.DataFrame(rows)
     df["sha256"] = [h for h, _ in hashed]

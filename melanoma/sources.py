@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from melanoma import dataset, storage
-from melanoma.config import CLASS_NAMES, MELANOMA
+from melanoma.config import CLASS_NAMES, MELANOMA, settings
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def split_groups(rows: pd.DataFrame, val_fraction: float, test_fraction: float, 
 
 
 def add_source(
-    work_uri: str, name: str, read_rows, val_fraction: float, test_fraction: float, seed: int, threads: int = 16
+    work_uri: str, name: str, read_rows, val_fraction: float, test_fraction: float, seed: int
 ) -> dict:
     """Appends source `name` (rows from `read_rows()`, as `read_labels` returns them) to work/manifest.parquet;
     a source already added is skipped without reading it. Returns its report."""
@@ -119,7 +119,7 @@ def add_source(
         return added[name] | {"skipped": True}
     manifest = dataset.read_manifest(work_uri)
     rows = read_rows()
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(settings().hash_threads) as pool:
         rows["sha256"] = list(tqdm(pool.map(_sha256, rows["uri"]), total=len(rows), desc=f"hash {name}", unit="img"))
     copies = rows["sha256"].duplicated()
     rows = rows[~copies]

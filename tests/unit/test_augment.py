@@ -34,7 +34,7 @@ def manifest(tmp_path_factory) -> pd.DataFrame:
         for i in range(2):  # validation images: more of them than some classes have for training
             seed += 1
             make_image(root / label / f"ISIC_V{seed:06d}.jpg", size=VAL_SIZE, seed=seed)
-    m = dataset.build_manifest(dataset.scan(str(root), threads=2))
+    m = dataset.build_manifest(dataset.scan(str(root)))
     m["split"] = ["val" if i.startswith("ISIC_V") else "train" for i in m["image_id"]]
     assert (m["split"] == "val").sum() == 6 and len(m) == 16
     return m

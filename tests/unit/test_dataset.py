@@ -104,7 +104,7 @@ def test_image_id_strips_only_a_trailing_copy_number(name, expected):
 
 
 def test_scan_gives_one_row_per_file_with_its_folder_label_and_content_hash(crafted):
-    files = dataset.scan(str(crafted), threads=2)
+    files = dataset.scan(str(crafted))
 
     assert len(files) == 13
     assert list(files.columns[:3]) == ["uri", "label", "image_id"]
@@ -118,7 +118,7 @@ def test_scan_gives_one_row_per_file_with_its_folder_label_and_content_hash(craf
 
 
 def test_audit_counts_duplicates_and_conflicts_exactly(crafted):
-    report = dataset.audit(dataset.scan(str(crafted), threads=2))
+    report = dataset.audit(dataset.scan(str(crafted)))
 
     assert report["files"] == 13
     assert report["unique_images"] == 9
@@ -165,7 +165,7 @@ def test_one_hot_ground_truth_reads_like_the_label_layout(tmp_path, ground_truth
 
 
 def test_manifest_without_ground_truth_keeps_one_row_per_content_and_drops_every_conflict(crafted):
-    manifest = dataset.build_manifest(dataset.scan(str(crafted), threads=2))
+    manifest = dataset.build_manifest(dataset.scan(str(crafted)))
 
     assert list(manifest.columns) == dataset.MANIFEST_COLUMNS
     assert manifest["sha256"].is_unique
@@ -180,7 +180,7 @@ def test_manifest_without_ground_truth_keeps_one_row_per_content_and_drops_every
 
 
 def test_manifest_with_ground_truth_resolves_only_a_conflict_it_names_exactly_one_folder_of(crafted, ground_truth_csv):
-    files = dataset.scan(str(crafted), threads=2)
+    files = dataset.scan(str(crafted))
     manifest = dataset.build_manifest(files, dataset.read_ground_truth(str(ground_truth_csv)))
 
     labels = dict(zip(manifest["image_id"], manifest["label"]))
@@ -200,7 +200,7 @@ def test_conflict_between_copies_under_different_ids_with_contradicting_ground_t
     make_image(root / NEV / "ISIC_0000022.jpg", size=(24, 16), seed=22)
     gt = pd.Series({"ISIC_0000020": "MEL", "ISIC_0000021": "NV"})
 
-    manifest = dataset.build_manifest(dataset.scan(str(root), threads=2), gt)
+    manifest = dataset.build_manifest(dataset.scan(str(root)), gt)
 
     assert manifest["image_id"].tolist() == ["ISIC_0000022"]
 
@@ -375,7 +375,7 @@ def test_scan_refuses_bad_datasets_with_one_line_naming_the_problem(tmp_path, ma
     root, error, pattern = make_bad(tmp_path)
 
     with pytest.raises(error) as caught:
-        dataset.scan(str(root), threads=2)
+        dataset.scan(str(root))
 
     message = str(caught.value)
     assert "\n" not in message
