@@ -14,7 +14,7 @@ CPU during (b): both say how much of the gap between (a) and (b) is the storage 
 (d) the CPU that reading the images from S3 costs (client and server), and the best b it leaves on these cores;
 (e) the wall time of a one-batch run: the start-up every run pays.
 
-The model is the default architecture, untrained: throughput does not depend on the weights.
+The model is the default architecture (or --arch), untrained: throughput does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ import numpy as np
 from make_archive import build
 
 
-def publish_untrained(model_dir: str) -> None:
+def publish_untrained(model_dir: str, arch: str = "default") -> None:
     from melanoma import model, registry
     from melanoma.config import CLASS_NAMES, settings
 
     s = settings()
-    net = model.build("default", len(CLASS_NAMES), s.image_size)
+    net = model.build(arch, len(CLASS_NAMES), s.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
         net.save(path)
-        card = {"version": "bench-untrained", "arch": "default", "class_names": list(CLASS_NAMES),
+        card = {"version": "bench-untrained", "arch": arch, "class_names": list(CLASS_NAMES),
                 "positive_class": "melanoma", "input_size": [s.image_size, s.image_size, 3],
                 "temperature": 1.0, "alert_threshold": 0.5}
         registry.publish(model_dir, path, card)
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=4)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
+    parser.add_argument("--arch", default="default", help="architecture of the untrained model (melanoma/model.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -183,7 +184,7 @@ def main() -> None:
         os.environ.update(server.env())
         bucket = server.make_bucket("bench")
         model_dir = f"{bucket}/models"
-        publish_untrained(model_dir)
+        publish_untrained(model_dir, args.arch)
         # (a) runs before the uploads (the S3 server keeps working for a while after 50k PUTs) and again after
         # the scoring runs; the faster of the two is the reference, so machine noise cannot flatter the ratios
         first, plain_cpu = plain_loop(files, model_dir, args.batch_size)
