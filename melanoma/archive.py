@@ -3,7 +3,8 @@
 Listing turns an archive into input rows; a tar member is addressed as `<shard uri>#<member name>` with
 its byte range inside the shard, so no shard is ever unpacked to disk. Scoring fetches a batch of rows at
 once (`fetch_all`): reads overlap on threads, so a worker waits for one request latency per batch rather than
-per image, and neighbouring members of one shard come in one ranged read rather than one read each.
+per image, and neighbouring members of one shard come in one ranged read rather than one read each. A reader
+of the scores fetches images by the URIs the rows carry (`fetch_uris`), through the same reads.
 """
 
 from __future__ import annotations
@@ -135,3 +136,41 @@ def fetch_all(rows: pd.DataFrame, threads: int) -> list[bytes | storage.StorageE
     finally:
         pool.shutdown(cancel_futures=True)  # after a StorageUnavailable, no more reads against a dead endpoint
     return out
+
+
+def fetch_uris(image_uris: list[str], threads: int) -> list[bytes | storage.StorageError]:
+    """The bytes of each image named by its URI (a loose file, or `<shard uri>#<member>` as listing names it), in
+    order, or the StorageError saying why not, as fetch_all reads them. A shard is listed once for all its members."""
+    rows, missing = locate(image_uris)
+    fetched = missing | dict(zip(rows["image_uri"], fetch_all(rows, threads)))
+    return [fetched[uri] for uri in image_uris]
+
+
+def locate(image_uris: list[str]) -> tuple[pd.DataFrame, dict[str, storage.StorageError]]:
+    """(input rows of the images that can be located, INPUT_COLUMNS; the StorageError of each that cannot)."""
+    shard_of = {uri: shard for uri in image_uris if (shard := _shard_of(uri))}
+    rows = [_loose(uri) for uri in image_uris if uri not in shard_of]
+    missing: dict[str, storage.StorageError] = {}
+    for shard in sorted(set(shard_of.values())):
+        wanted = [uri for uri, of in shard_of.items() if of == shard]
+        try:
+            members = {r["image_uri"]: r for r in _shard_members(shard)}
+        except storage.StorageError as exc:
+            missing |= dict.fromkeys(wanted, exc)
+            continue
+        rows += [members[uri] for uri in wanted if uri in members]
+        missing |= {uri: storage.StorageError(f"{uri}: no such member in the shard") for uri in wanted if uri not in members}
+    return pd.DataFrame(rows, columns=INPUT_COLUMNS), missing
+
+
+def _loose(uri: str) -> dict:
+    return {"image_uri": uri, "image_id": image_id(uri), "shard_uri": None, "offset": None, "size": None}
+
+
+def _shard_of(image_uri: str) -> str | None:
+    """The shard of a `<shard>.tar#<member>` URI, None for a loose file."""
+    for suffix in SHARD_SUFFIXES:
+        shard, found, _ = image_uri.partition(f"{suffix}#")
+        if found:
+            return shard + suffix
+    return None

@@ -4,7 +4,7 @@ Each report is ONE self-contained file (melanoma/templates): pictures are data: 
 no script, and a Content-Security-Policy forbids loading anything else, so it can be mailed or archived as it is
 and opening it never calls out. Jinja2 autoescapes every value, so a string from data (file names, class names,
 error messages, card fields) never becomes markup: an archive may well hold a file named `<script>...jpg`.
-Archive images are read as scoring reads them (archive.fetch_all), decoded by images.decode and re-encoded as
+Archive images are read as scoring reads them (archive.fetch_uris), decoded by images.decode and re-encoded as
 JPEG thumbnails; their own bytes never reach the page.
 """
 
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
-import pandas as pd
 
 from melanoma import archive, gradcam, images, layout, plots, query, registry, storage
 from melanoma.config import MELANOMA, Settings, settings
@@ -143,11 +142,9 @@ def _lesions(rows: list[dict], heat_of, version: str | None, heatmaps: int) -> t
 
 
 def _pictures(rows: list[dict]) -> list[np.ndarray | str]:
-    """Each row's decoded picture, or why there is none. Read as scoring reads its inputs (archive.fetch_all)."""
+    """Each row's decoded picture, or why there is none (read as scoring reads its inputs)."""
     s = settings()
-    inputs, reasons = _inputs([row["image_uri"] for row in rows])
-    fetched = reasons | dict(zip(inputs["image_uri"], archive.fetch_all(inputs, s.fetch_threads)))
-    pictures = [_decode(fetched[row["image_uri"]], s) for row in rows]
+    pictures = [_decode(data, s) for data in archive.fetch_uris([row["image_uri"] for row in rows], s.fetch_threads)]
     for row, picture in zip(rows, pictures):
         if isinstance(picture, str):
             log.warning("%s: no picture for the report: %s", row["image_uri"], picture)
@@ -161,37 +158,6 @@ def _decode(data: bytes | storage.StorageError, s: Settings) -> np.ndarray | str
         return images.decode(data, s.max_image_pixels, s.max_decoded_side)
     except images.ImageError as exc:
         return str(exc)
-
-
-def _inputs(image_uris: list[str]) -> tuple[pd.DataFrame, dict[str, storage.StorageError]]:
-    """The archive's input rows (archive.INPUT_COLUMNS) of scored images: a tar member's byte range comes from
-    listing its shard, once per shard. Images that cannot be located get a StorageError instead."""
-    rows, reasons = {}, {}
-    shards = {uri: shard for uri in image_uris if (shard := _shard_of(uri))}
-    for shard in sorted(set(shards.values())):
-        try:
-            members = archive.list_inputs(shard)[0].set_index("image_uri", drop=False)
-        except storage.StorageError as exc:
-            reasons |= {uri: exc for uri, of in shards.items() if of == shard}
-            continue
-        for uri in (uri for uri, of in shards.items() if of == shard):
-            if uri in members.index:
-                rows[uri] = members.loc[uri].to_dict()
-            else:
-                reasons[uri] = storage.StorageError(f"{uri}: no such member in the shard")
-    for uri in image_uris:
-        if uri not in shards:
-            rows[uri] = {"image_uri": uri, "image_id": archive.image_id(uri), "shard_uri": None, "offset": None, "size": None}
-    return pd.DataFrame(list(rows.values()), columns=archive.INPUT_COLUMNS), reasons
-
-
-def _shard_of(image_uri: str) -> str | None:
-    """`<shard>.tar` of an image addressed as `<shard>.tar#<member>`, None for a loose file."""
-    for suffix in archive.SHARD_SUFFIXES:
-        shard, found, _ = image_uri.partition(f"{suffix}#")
-        if found:
-            return shard + suffix
-    return None
 
 
 def _flagged_caption(flagged: int, shown: int, drawn: int, threshold: float | None, scores_uri: str, run_date: str) -> str:

@@ -87,3 +87,17 @@ def test_fetch_all_raises_storage_unavailable_and_stops_reading(tmp_path, monkey
     with pytest.raises(storage.StorageUnavailable, match="cannot reach"):
         archive.fetch_all(inputs, threads=2)
     assert len(calls) < len(inputs)  # queued reads were cancelled
+
+
+def test_fetch_uris_reads_loose_files_and_members_by_uri_with_an_error_for_each_missing_one(tmp_path):
+    content = _archive(tmp_path, shards=1, per_shard=3, loose=2)
+    (tmp_path / "broken.tar").write_bytes(b"not a tar")
+    wanted = ["shard-0.tar#day/s0-2.jpg", "loose/l1.jpg", "loose/gone.jpg", "shard-0.tar#day/nope.jpg", "broken.tar#x.jpg"]
+
+    got = archive.fetch_uris([f"{tmp_path}/{name}" for name in wanted], threads=2)
+
+    assert got[:2] == [content["shard-0.tar#day/s0-2.jpg"], content["loose/l1.jpg"]]
+    assert [type(g) for g in got[2:]] == [storage.StorageError] * 3
+    assert str(got[2]).endswith("loose/gone.jpg: no such file")
+    assert str(got[3]).endswith("shard-0.tar#day/nope.jpg: no such member in the shard")
+    assert "broken.tar: not a readable tar shard" in str(got[4])
