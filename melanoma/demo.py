@@ -1,12 +1,20 @@
 """`melanoma demo`: the whole flow on one machine with embedded defaults.
 
-A local SeaweedFS S3 server and a local Ray; audit -> split -> augment -> train briefly -> upload a sample
-archive -> nightly score -> the ten riskiest images. Everything stays under ./.demo (S3 data, a local copy of
-the scores); rerunning resumes: a finished step is not done again.
+  a local SeaweedFS S3 server (data in .demo/seaweedfs) and a local Ray
+  1 audit and split the training set      -> s3://melanoma/work (manifest, audit.json)
+  2 augment the training split            -> s3://melanoma/work/augmented
+  3 train briefly on Ray Train            -> .demo/models (checkpoints in s3://melanoma/runs)
+  4 tonight's archive: sample images      -> .demo/archive/<date>
+  5 nightly scoring on Ray Data           -> .demo/scores/run_date=<date>
+
+What a person reads afterwards (models, archive, scores) stays on local disk, so that `melanoma query` and
+`melanoma report` work on it once the demo's services have stopped. A rerun skips every step whose output
+exists and says so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -14,13 +22,15 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from melanoma import augment, dataset, layout, registry, runtime, score, storage, train
+from melanoma import augment, console, dataset, layout, query, registry, runtime, score, storage, train
 from melanoma.config import settings
-from melanoma.services import SeaweedServer
+from melanoma.local import SeaweedServer
 
 log = logging.getLogger(__name__)
 
 BUCKET = "melanoma"
+WORK, RUNS = f"s3://{BUCKET}/work", f"s3://{BUCKET}/runs"
+STEPS = 5
 DOWNLOAD_HELP = (
     "Download the 9-class ISIC dataset ('Skin Cancer ISIC - The International Skin Imaging Collaboration', "
     "its Train/ folder with one sub-folder per class) and put it at {path}/<class name>/*.jpg, "
@@ -48,63 +58,100 @@ def find_training_data(data: str | None) -> tuple[str, str | None]:
     return str(path), str(labels) if labels.is_file() else None
 
 
-def _sample_archive(source: Path, n: int, seed: int) -> list[Path]:
-    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    return random.Random(seed).sample(files, min(n, len(files)))
+def _step(n: int, what: str, done: str | None = None) -> bool:
+    """Logs the step; True when it still has to run (`done` names its existing output otherwise)."""
+    if done:
+        log.info("step %d/%d %s: skipped, %s", n, STEPS, what, done)
+        return False
+    log.info("step %d/%d %s", n, STEPS, what)
+    return True
 
 
-def run(data: str | None, archive_source: str | None, epochs: int, archive_images: int, workdir: str = ".demo") -> dict:
-    """Returns the nightly run summary; logs one line per step."""
+def _split(data_uri: str, ground_truth: str | None, seed: int, val_fraction: float) -> None:
+    manifest = storage.join(WORK, dataset.MANIFEST)
+    if _step(1, f"audit and split {data_uri}", storage.exists(manifest) and f"{manifest} exists"):
+        dataset.make_split(data_uri, WORK, val_fraction, seed, ground_truth)
+    report = json.loads(storage.read_bytes(storage.join(WORK, "audit.json")))
+    log.info("  %d files, %d unique images, %d duplicate groups, %d with conflicting labels (%s)",
+             report["files"], report["unique_images"], report["duplicate_groups"], report["conflicting_groups"],
+             "resolved by the ISIC 2019 ground truth where it names one folder" if ground_truth else "dropped")  # fmt: skip
+
+
+def _augment(seed: int) -> None:
+    done = augment.read_augmented(WORK) is not None
+    if _step(2, "augment the training split, every class to the largest", done and f"{WORK}/{augment.AUGMENTED_DIR} exists"):
+        augment.augment_work_dir(WORK, seed)
+
+
+def _train(s, models: Path) -> dict:
+    latest = models / registry.LATEST
+    if _step(3, f"train {s.arch} for {s.epochs} epochs on Ray Train ({s.workers} workers)", latest.exists() and f"{latest} exists"):
+        train.train(s, WORK, str(models), storage_uri=RUNS)
+    card = registry.read_card(str(models))
+    log.info("  model %s: melanoma AUC %.3f on validation", card["version"], card["metrics"]["melanoma_auc"] or float("nan"))
+    return card
+
+
+def _archive(source: Path, target: Path, n: int, seed: int) -> None:
+    if _step(4, f"tonight's archive: {n} images of {source}", target.is_dir() and f"{target} exists"):
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not files:
+            raise dataset.DatasetError(f"{source}: no images (.jpg, .jpeg, .png) for tonight's archive")
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for path in random.Random(seed).sample(files, min(n, len(files))):
+            shutil.copyfile(path, partial / path.name)
+        partial.rename(target)
+
+
+def _score(s, models: Path, archive: Path, scores: Path, run_date: str) -> dict:
+    summary = Path(layout.summary_uri(str(scores), run_date))
+    if _step(5, f"nightly scoring of {archive}", summary.exists() and f"{summary} exists"):
+        return score.score(s, str(models), str(archive), str(scores), run_date)
+    return layout.read_summary(str(scores), run_date)
+
+
+def run(data: str | None, archive_source: str | None, epochs: int, archive_images: int, workdir: str = ".demo",
+        verbose: bool = False) -> dict:  # fmt: skip
+    """Runs (or resumes) the demo; returns the night's summary with what the closing lines need."""
     s = settings(epochs=epochs, workers=2)
     data_uri, ground_truth = find_training_data(data)
-    ham = Path(archive_source) if archive_source else _shared_data() / "ham10000" / "images"
+    source = Path(archive_source) if archive_source else _shared_data() / "ham10000" / "images"
     run_date = datetime.now(timezone.utc).date().isoformat()
-    root = Path(workdir).resolve()
+    root = Path(workdir).resolve()  # Ray's workers need absolute paths
+    models, scores, archive = root / "models", root / "scores", root / "archive" / run_date
+    log.info("starting a local SeaweedFS S3 server (data in %s) and a local Ray", root / "seaweedfs")
     server = SeaweedServer(root / "seaweedfs")
     server.start()
     os.environ.update(server.env())
     try:
-        runtime.connect()
+        runtime.connect(verbose=verbose)
         if not storage.exists(f"s3://{BUCKET}"):  # a rerun finds it there
             server.make_bucket(BUCKET)
-        work, models = f"s3://{BUCKET}/work", f"s3://{BUCKET}/models"
-        archive = f"s3://{BUCKET}/archive/{run_date}"
-        scores = f"s3://{BUCKET}/scores"
-
-        log.info("step 1/6: audit and split %s", data_uri)
-        report = dataset.audit_uri(data_uri, ground_truth)
-        log.info("%d files, %d unique, %d duplicate groups, %d with conflicting labels (%s)",
-                 report["files"], report["unique_images"], report["duplicate_groups"], report["conflicting_groups"],
-                 f"resolved from {ground_truth} where it names one folder" if ground_truth else "dropped")
-        if not storage.exists(storage.join(work, dataset.MANIFEST)):
-            dataset.make_split(data_uri, work, s.val_fraction, s.seed, ground_truth)
-
-        log.info("step 2/6: augment the training split (every class to the largest)")
-        if augment.read_augmented(work) is None:
-            augment.augment_work_dir(work, s.seed)
-
-        log.info("step 3/6: train %s for %d epochs on Ray Train (2 workers)", s.arch, s.epochs)
-        if not storage.exists(storage.join(models, registry.LATEST)):
-            train.train(s, work, models)
-        card = registry.read_card(models)
-        log.info("model %s: melanoma AUC %.3f on validation", card["version"], card["metrics"]["melanoma_auc"] or float("nan"))
-
-        log.info("step 4/6: upload %d archive images to %s", archive_images, archive)
-        if not storage.exists(archive):
-            for path in _sample_archive(ham, archive_images, s.seed):
-                storage.write_bytes(storage.join(archive, path.name), path.read_bytes())
-
-        log.info("step 5/6: nightly scoring of %s", archive)
-        summary = score.score(s, models, archive, scores, run_date)
-
-        log.info("step 6/6: copy the scores to %s/scores", root)
-        local = root / "scores" / f"run_date={run_date}"
-        shutil.rmtree(local, ignore_errors=True)
-        fs, path = storage.pyarrow_fs(layout.partition(scores, run_date))
-        for f in storage.list_files(layout.partition(scores, run_date)):
-            target = local / f.path[len(path) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(storage.to_uri(fs, f.path)))
-        return summary | {"local_scores": str(root / "scores")}
+        _split(data_uri, ground_truth, s.seed, s.val_fraction)
+        _augment(s.seed)
+        _train(s, models)
+        _archive(source, archive, archive_images, s.seed)
+        summary = _score(s, models, archive, scores, run_date)
     finally:
+        runtime.disconnect()
         server.stop()
+    riskiest = query.query(str(scores), date=run_date, top=10).select(["image_id", "melanoma_risk", "flagged", "predicted_class"])
+    return summary | {"riskiest": riskiest, "workdir": workdir}
+
+
+def closing_lines(result: dict) -> str:
+    """The ten riskiest images, the commands that read the outputs, the summary."""
+    root, night = result["workdir"], result["run_date"]
+    return "\n".join([
+        "",
+        "The ten riskiest images of the night:",
+        query.format_table(result["riskiest"], "table"),
+        "",
+        f"Everything stays in {root}/; with the venv active (source .venv/bin/activate), read it with:",
+        f"  melanoma query {root}/scores --date {night} --flagged --top 20",
+        f"  melanoma report {root}/scores --date {night} --model {root}/models --out {root}/report-{night}.html",
+        f"  melanoma report --model {root}/models --out {root}/model-card.html",
+        console.summary_line(result),
+    ])  # fmt: skip
