@@ -126,7 +126,8 @@ def _promote(night: Night) -> int:
     if fs.get_file_info(staging).type == pafs.FileType.NotFound:
         return 0
     files = _files(fs, staging, recursive=True)
-    fs.create_dir(target, recursive=True)
+    if not storage.is_s3(night.partition):  # S3 needs no directory, and s3fs lists a directory object as a file
+        fs.create_dir(target, recursive=True)
     for f in files:
         fs.move(f.path, f"{target}/{f.base_name}")
     return len(files)
