@@ -61,11 +61,10 @@ def connect(address: str | None = None, verbose: bool = False, local_cpus: int =
 
 
 def disconnect() -> None:
-    global _worker_logs
+    """Ray's log directory stays named: the session's last line points to it after the disconnect."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
-    _worker_logs = None
 
 
 class Feed:
