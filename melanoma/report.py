@@ -75,7 +75,6 @@ def morning_report(
         summary=[[k.replace("_", " "), summary[k]] for k in SUMMARY_FACTS if k in summary],
         errors=[[r["image_uri"], r["error"]] for r in errors],
     )  # fmt: skip
-    log.info("report of %s: %d flagged, %d shown, %d heatmaps -> %s", run_date, total["flagged"], len(lesions), drawn, out_path)
     return {"path": out_path, "run_date": run_date, "shown": len(lesions), "heatmaps": drawn, **total}
 
 
@@ -116,7 +115,6 @@ def model_card_report(model_uri: str, out_path: str) -> dict:
         has_roc_points="roc" in m,
         history=plots.loss_history(card["history"]) if card.get("history") else None,
     )  # fmt: skip
-    log.info("model card of %s -> %s", card["version"], out_path)
     return {"path": out_path, "version": card["version"]}
 
 
