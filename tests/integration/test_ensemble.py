@@ -16,7 +16,8 @@ def _publish_variant(model_dir: str, target_dir: str, version: str, card_changes
     """A second real member: the trained model with its weights nudged, published under its own version."""
     loaded = registry.load(model_dir)
     rng = np.random.default_rng(1)
-    loaded.model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in loaded.model.get_weights()])
+    for w in loaded.model.trainable_weights:  # not the batch-norm statistics: a nudged variance can turn negative
+        w.assign(w.numpy() + rng.normal(0, 0.05, w.shape).astype(w.dtype))
     path = f"{target_dir}/variant.keras"
     loaded.model.save(path)
     card = loaded.card | {"version": version} | (card_changes or {})
