@@ -145,6 +145,7 @@ def _pipeline(args) -> None:
     from melanoma import pipeline
 
     s = settings(epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker, seed=args.seed)
+    pipeline.check_root(args.data_root)  # before starting Ray: a wrong path is one line at once
     runtime.connect(args.address, args.verbose)
     print(console.card_line(pipeline.run(s, args.data_root, args.work, args.model_dir), args.model_dir))
 
