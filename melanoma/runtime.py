@@ -68,26 +68,40 @@ def disconnect() -> None:
 
 
 class Feed:
-    """What a Ray worker holds to advance a bar on the driver (picklable: a Ray queue)."""
+    """What a Ray worker holds to advance a bar on the driver (picklable: a Ray queue). The bar is for people:
+    a queue that is gone (its node died) never fails the work that reports to it."""
 
     def __init__(self, queue):
         self._queue = queue
 
     def add(self, n: int, line: str | None = None) -> None:
         """n more units done; `line`, if given, is printed above the bar."""
-        self._queue.put_nowait(("add", n, line))
+        self._put(("add", n, line))
 
     def reach(self, done: int, line: str | None = None) -> None:
         """`done` units done in all (a resumed run starts past zero)."""
-        self._queue.put_nowait(("reach", done, line))
+        self._put(("reach", done, line))
+
+    def _put(self, item) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            self._queue.put_nowait(item)
+        except RayActorError:
+            pass
 
 
 @contextlib.contextmanager
 def remote_progress(total: int, desc: str, unit: str) -> Iterator[Feed]:
     """A bar on the terminal that workers advance through the yielded Feed; closed when the block ends."""
+    import ray
+    from ray.exceptions import RayActorError
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    # on the driver's node: a worker node that dies must not take the bar (and the workers' puts) with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     bar = console.progress(total=total, desc=desc, unit=unit)
     stop = threading.Event()
 
@@ -98,13 +112,16 @@ def remote_progress(total: int, desc: str, unit: str) -> Iterator[Feed]:
             bar.write(line, file=console.terminal())
 
     def follow() -> None:
-        while not stop.is_set():
-            try:
-                draw(queue.get(timeout=1))
-            except Empty:
-                bar.refresh()  # the elapsed time moves on
-        for item in queue.get_nowait_batch(queue.qsize()):
-            draw(item)
+        try:
+            while not stop.is_set():
+                try:
+                    draw(queue.get(timeout=1))
+                except Empty:
+                    bar.refresh()  # the elapsed time moves on
+            for item in queue.get_nowait_batch(queue.qsize()):
+                draw(item)
+        except RayActorError:
+            return
 
     thread = threading.Thread(target=follow, name=f"progress-{desc}", daemon=True)
     thread.start()
