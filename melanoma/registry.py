@@ -1,8 +1,8 @@
-"""Model artifacts: <model-dir>/<version>/{model.keras, model_card.json} and a <model-dir>/latest pointer.
+"""Model artifacts: <model-dir>/<version>/{model.keras, model_card.json, extra files} and a <model-dir>/latest pointer.
 
-The card carries the model file's sha256; loading refuses a file whose checksum differs, a card whose
-classes do not match the model's outputs, and any layer that Keras safe mode will not deserialize
-(Lambda layers carry arbitrary code).
+The card carries the sha256 of the model file and of every extra file published with it (card["files"]); loading
+refuses a file whose checksum differs, a card whose classes do not match the model's outputs, and any layer that
+Keras safe mode will not deserialize (Lambda layers carry arbitrary code).
 """
 
 from __future__ import annotations
@@ -42,19 +42,49 @@ def new_version(arch: str) -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{arch}"
 
 
-def publish(model_dir: str, model_file: str, card: dict) -> str:
-    """Copies the model and writes its card; moves `latest` only once both are complete."""
+def publish(model_dir: str, model_file: str, card: dict, extras: dict[str, bytes] | None = None) -> str:
+    """Copies the model and its extra files (name -> bytes, e.g. an exported engine) and writes the card with
+    their checksums; moves `latest` only once all are complete."""
     with open(model_file, "rb") as f:
         data = f.read()
     version = card["version"]
     target = storage.join(model_dir, version)
     if storage.exists(storage.join(target, CARD_FILE)):
         raise ModelError(f"{target}: version already exists")
-    card = card | {"model_file": MODEL_FILE, "model_sha256": hashlib.sha256(data).hexdigest()}
+    extras = extras or {}
+    card = card | {
+        "model_file": MODEL_FILE,
+        "model_sha256": hashlib.sha256(data).hexdigest(),
+        "files": {name: hashlib.sha256(blob).hexdigest() for name, blob in extras.items()},
+    }
     storage.write_bytes(storage.join(target, MODEL_FILE), data)
+    for name, blob in extras.items():
+        storage.write_bytes(storage.join(target, name), blob)
     storage.write_bytes(storage.join(target, CARD_FILE), json.dumps(card, indent=2).encode())
-    storage.write_bytes(storage.join(model_dir, LATEST), version.encode())
+    set_latest(model_dir, version)
     return target
+
+
+def set_latest(model_dir: str, version: str) -> None:
+    """Points `latest` at a published version (one small object, replaced whole)."""
+    if not storage.exists(storage.join(model_dir, version, CARD_FILE)):
+        raise ModelError(f"{storage.join(model_dir, version)}: no such published version")
+    storage.write_bytes(storage.join(model_dir, LATEST), version.encode())
+
+
+def read_extra(version_dir: str, card: dict, name: str) -> bytes | None:
+    """An extra file of a version, verified against its card; None when the version was published without it."""
+    expected = card.get("files", {}).get(name)
+    if expected is None:
+        return None
+    uri = storage.join(version_dir, name)
+    if not storage.exists(uri):
+        raise ModelError(f"{uri}: missing, but the card lists it")
+    data = storage.read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise ModelError(f"{uri}: checksum mismatch (file {digest[:12]}…, card {expected[:12]}…): refusing a modified or truncated file")
+    return data
 
 
 def resolve(model_uri: str) -> str:
