@@ -73,7 +73,7 @@ def test_publish_then_load_predicts_identically(tmp_path, model_files, batch):
     assert sorted(p.name for p in (models / "v1").iterdir()) == sorted([registry.CARD_FILE, registry.MODEL_FILE])
     assert sha256(models / "v1" / registry.MODEL_FILE) == sha256(model_files["a"])
     written = json.loads((models / "v1" / registry.CARD_FILE).read_text())
-    assert written == card("v1") | {"model_file": registry.MODEL_FILE, "model_sha256": sha256(model_files["a"])}
+    assert written == card("v1") | {"model_file": registry.MODEL_FILE, "model_sha256": sha256(model_files["a"]), "files": {}}
     assert (models / registry.LATEST).read_text() == "v1"
 
     loaded = registry.load(str(models))
@@ -95,6 +95,36 @@ def test_latest_follows_the_newest_publish_and_a_version_dir_loads_directly(tmp_
     assert newest.card["version"] == "v2" and first.card["version"] == "v1"
     assert newest.card["model_sha256"] == sha256(model_files["b"])
     assert not np.array_equal(newest.model.predict(batch, verbose=0), first.model.predict(batch, verbose=0))
+
+
+def test_extra_files_are_published_with_their_checksums_and_verified_on_read(tmp_path, model_files):
+    models = tmp_path / "models"
+    target = registry.publish(str(models), str(model_files["a"]), card("v1"), {"engine.bin": b"exported bytes"})
+    written = registry.read_card(target)
+
+    assert registry.read_extra(target, written, "engine.bin") == b"exported bytes"
+    assert registry.read_extra(target, written, "absent.bin") is None
+    (models / "v1" / "engine.bin").write_bytes(b"exported bytez")
+    with pytest.raises(registry.ModelError) as exc:
+        registry.read_extra(target, written, "engine.bin")
+    assert_one_line(exc, "engine.bin", "checksum mismatch")
+    (models / "v1" / "engine.bin").unlink()
+    with pytest.raises(registry.ModelError) as exc:
+        registry.read_extra(target, written, "engine.bin")
+    assert_one_line(exc, "engine.bin", "missing")
+
+
+def test_set_latest_points_back_at_an_older_version_and_refuses_an_unknown_one(tmp_path, model_files):
+    models = tmp_path / "models"
+    registry.publish(str(models), str(model_files["a"]), card("v1"))
+    registry.publish(str(models), str(model_files["b"]), card("v2"))
+
+    registry.set_latest(str(models), "v1")
+    assert registry.resolve(str(models)) == str(models / "v1")
+    with pytest.raises(registry.ModelError) as exc:
+        registry.set_latest(str(models), "v9")
+    assert_one_line(exc, "v9", "no such published version")
+    assert registry.resolve(str(models)) == str(models / "v1")
 
 
 def test_publishing_an_existing_version_fails_and_leaves_everything_as_it_was(tmp_path, model_files):
