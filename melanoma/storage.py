@@ -222,14 +222,19 @@ def delete_dir(uri: str) -> None:
         raise explain(uri, exc) from None
 
 
-def write_parquet(uri: str, df: pd.DataFrame) -> None:
+def write_parquet(uri: str, data: pd.DataFrame | pa.Table) -> None:
+    """One whole Parquet file (atomic like write_bytes); a Table keeps its own schema."""
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)
+    pq.write_table(data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False), sink)
     write_bytes(uri, sink.getvalue().to_pybytes())
 
 
+def read_table(uri: str) -> pa.Table:
+    return pq.read_table(pa.BufferReader(read_bytes(uri)))
+
+
 def read_parquet(uri: str) -> pd.DataFrame:
-    return pq.read_table(pa.BufferReader(read_bytes(uri))).to_pandas()
+    return read_table(uri).to_pandas()
 
 
 def read_range(uri: str, offset: int, size: int) -> bytes:
