@@ -3,6 +3,8 @@
   <scores>/run_date=YYYY-MM-DD/*.parquet       the rows, output_schema() below (Hive partitioning)
   <scores>/run_date=YYYY-MM-DD/_summary.json   the run summary, written once the night is complete
   <work>/run_date=YYYY-MM-DD/                  the job's bookkeeping while a night runs (commit.py), then removed
+  <scores>_shadow/<version>/run_date=.../      a candidate's rows for the same nights (shadow scoring, promote.py),
+  <work>/shadow/<version>/run_date=.../        with bookkeeping of their own: never mixed into <scores>
 
 The bookkeeping (input list, staged files, checkpoints) stays outside the scores dataset, so that a reader
 globbing `<scores>/**/*.parquet` sees rows and nothing else. <work> is the sibling prefix `<scores>_work`
@@ -22,6 +24,7 @@ from melanoma.config import snake_case
 PARTITION = "run_date="
 SUMMARY = "_summary.json"
 WORK_SUFFIX = "_work"
+SHADOW_SUFFIX = "_shadow"
 # Bookkeeping directories that earlier versions kept inside the scores dataset (commit.adopt_legacy moves them).
 LEGACY_DIRS = ("_inputs", "_staging", "_checkpoints")
 
@@ -75,6 +78,21 @@ def work_root(scores_uri: str, override: str = "") -> str:
     if work == scores or work.startswith(scores + "/"):
         raise storage.StorageError(f"{work}: the work location must lie outside the scores dataset {scores_uri}")
     return work
+
+
+def shadow_root(scores_uri: str, version: str) -> str:
+    """The scores dataset of a candidate scoring beside `latest`: the sibling prefix <scores>_shadow/<version>, which
+    a reader of <scores> never sees."""
+    scores = storage.join(scores_uri).rstrip("/")
+    if storage.is_s3(scores) and "/" not in scores.removeprefix("s3://"):
+        raise storage.StorageError(f"{scores_uri}: scores at the root of a bucket leave no place beside them for shadow scores: "
+                                   f"write them under a prefix (s3://bucket/scores)")
+    return storage.join(scores + SHADOW_SUFFIX, version)
+
+
+def shadow_work(scores_uri: str, version: str, override: str = "") -> str:
+    """The bookkeeping of a shadow run, apart from the main run's nights: <work>/shadow/<version>."""
+    return storage.join(work_root(scores_uri, override), "shadow", version)
 
 
 @dataclass(frozen=True)
