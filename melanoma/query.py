@@ -7,6 +7,10 @@ the schema). For s3:// the filesystem of storage.fsspec_fs is registered with Du
 be downloaded at run time, and no extension is ever loaded here. Results are Arrow tables, never pandas frames.
 
 RECIPES holds the SQL for the everyday questions (`melanoma query SCORES --sql "..."`; the table is `scores`).
+
+With an outcome store (melanoma/outcomes.py) the connection also has the table `outcomes` and the view `confirmed`:
+one row per scored image (per night and model version) with a confirmed diagnosis, matched by sha256 when the
+outcome names one, else by image_id; rows that could not be scored are left out.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import io
 import json
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
-from melanoma import storage
+from melanoma import metrics, outcomes, storage
 from melanoma.errors import MelanomaError
 from melanoma.config import CLASS_NAMES
 from melanoma.layout import PARTITION
@@ -51,7 +56,36 @@ RECIPES = {
         "WHERE a.model_version = '{version_a}' AND b.model_version = '{version_b}' AND a.error IS NULL AND b.error IS NULL "
         "ORDER BY abs(a.melanoma_risk - b.melanoma_risk) DESC, a.image_id"
     ),
+    # Needs outcomes (the view `confirmed`): confirmed melanomas the alert did not flag, newest night first.
+    "missed_melanomas": (
+        "SELECT run_date, image_id, melanoma_risk, predicted_class, diagnosis, confirmed_on, note, model_version, image_uri "
+        "FROM confirmed WHERE confirmed_melanoma AND NOT flagged ORDER BY run_date DESC, melanoma_risk DESC, image_uri"
+    ),
 }
+
+# Scored rows joined with the outcomes: by sha256 where the outcome has one, else by image_id (two equi-joins, so
+# DuckDB hashes them); a scored row matched twice keeps its sha256 match.
+CONFIRMED_VIEW = """CREATE VIEW confirmed AS
+SELECT s.run_date, s.model_version, s.image_id, s.image_uri, s.sha256, s.melanoma_risk, s.flagged, s.predicted_class,
+       o.diagnosis, o.melanoma AS confirmed_melanoma, o.confirmed_on, o.note, o.lesion_id, o.patient_id
+FROM (SELECT * FROM outcomes WHERE sha256 IS NOT NULL) o JOIN scores s ON s.sha256 = o.sha256
+WHERE s.error IS NULL
+UNION ALL
+SELECT s.run_date, s.model_version, s.image_id, s.image_uri, s.sha256, s.melanoma_risk, s.flagged, s.predicted_class,
+       o.diagnosis, o.melanoma, o.confirmed_on, o.note, o.lesion_id, o.patient_id
+FROM (SELECT * FROM outcomes WHERE sha256 IS NULL) o JOIN scores s ON s.image_id = o.image_id
+WHERE s.error IS NULL AND NOT EXISTS (SELECT 1 FROM outcomes x WHERE x.sha256 = s.sha256)"""
+
+# Per night and model version, then per model version over all the nights asked for (run_date NULL).
+REALISED = """SELECT run_date, model_version, count(*) AS confirmed,
+  count(*) FILTER (WHERE confirmed_melanoma) AS melanomas, count(*) FILTER (WHERE flagged) AS flagged,
+  count(*) FILTER (WHERE confirmed_melanoma AND NOT flagged) AS missed,
+  count(*) FILTER (WHERE confirmed_melanoma AND flagged) / nullif(count(*) FILTER (WHERE confirmed_melanoma), 0) AS sensitivity,
+  count(*) FILTER (WHERE NOT confirmed_melanoma AND NOT flagged) / nullif(count(*) FILTER (WHERE NOT confirmed_melanoma), 0)
+    AS specificity,
+  list(melanoma_risk ORDER BY image_uri) AS risks, list(confirmed_melanoma ORDER BY image_uri) AS positives
+FROM confirmed GROUP BY GROUPING SETS ((run_date, model_version), (model_version))
+ORDER BY run_date NULLS LAST, model_version"""
 
 
 class QueryError(MelanomaError):
@@ -74,8 +108,9 @@ def dates(scores_uri: str) -> list[str]:
     return found
 
 
-def connect(scores_uri: str, nights: list[str] | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the view `scores` over the given nights (default: every night)."""
+def connect(scores_uri: str, nights: list[str] | None = None, outcomes_uri: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the view `scores` over the given nights (default: every night), and with
+    an outcome store also the table `outcomes` and the view `confirmed`."""
     if nights is None:
         dates(scores_uri)  # a clear error for a missing dataset or one without partitions
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
@@ -96,12 +131,16 @@ def connect(scores_uri: str, nights: list[str] | None = None) -> duckdb.DuckDBPy
     except duckdb.Error as exc:
         con.close()
         raise QueryError(f"{scores_uri}: {_first_line(exc)}") from None
+    if outcomes_uri:
+        con.register("outcomes", outcomes.read_store(outcomes_uri))
+        con.execute(CONFIRMED_VIEW)
     return con
 
 
-def sql(scores_uri: str, statement: str) -> pa.Table:
-    """Runs one SQL statement against the view `scores` (RECIPES has the everyday questions)."""
-    con = connect(scores_uri)
+def sql(scores_uri: str, statement: str, outcomes_uri: str | None = None) -> pa.Table:
+    """Runs one SQL statement against the view `scores` (and `outcomes`, `confirmed` with an outcome store;
+    RECIPES has the everyday questions)."""
+    con = connect(scores_uri, outcomes_uri=outcomes_uri)
     try:
         return _run(con, statement)
     finally:
@@ -150,14 +189,7 @@ def query(
         raise QueryError(f"unknown class '{cls}' (one of: {', '.join(CLASS_NAMES)})")
     if top is not None and top < 1:
         raise QueryError(f"top must be at least 1, got {top}")
-    date, since, until = (iso_date(d) for d in (date, since, until))
-    present = dates(scores_uri)
-    if date and date not in present:
-        raise QueryError(f"{scores_uri}: no partition {PARTITION}{date} (nights present: {_span(present)})")
-    nights = [d for d in present if (not since or d >= since) and (not until or d <= until) and (not date or d == date)]
-    if not nights:
-        span = f"between {since or 'the first'} and {until or 'the last'}"
-        raise QueryError(f"{scores_uri}: no night {span} (nights present: {_span(present)})")
+    nights = _nights(scores_uri, date, since, until)
     conditions, params = [], []
     if flagged:
         conditions.append("flagged")
@@ -175,11 +207,42 @@ def query(
     statement += " ORDER BY melanoma_risk DESC NULLS LAST, run_date, image_uri"
     if top is not None:
         statement += f" LIMIT {int(top)}"
-    con = connect(scores_uri, nights if (date or since or until) else None)
+    con = connect(scores_uri, nights)
     try:
         return _run(con, statement, params)
     finally:
         con.close()
+
+
+def _nights(scores_uri: str, date: str | None, since: str | None, until: str | None) -> list[str] | None:
+    """The nights asked for, each checked to be present; None for every night."""
+    date, since, until = (iso_date(d) for d in (date, since, until))
+    present = dates(scores_uri)
+    if date and date not in present:
+        raise QueryError(f"{scores_uri}: no partition {PARTITION}{date} (nights present: {_span(present)})")
+    nights = [d for d in present if (not since or d >= since) and (not until or d <= until) and (not date or d == date)]
+    if not nights:
+        span = f"between {since or 'the first'} and {until or 'the last'}"
+        raise QueryError(f"{scores_uri}: no night {span} (nights present: {_span(present)})")
+    return nights if (date or since or until) else None
+
+
+def realised(scores_uri: str, outcomes_uri: str, since: str | None = None, until: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """(missed melanomas, realised figures) of the scores against the confirmed outcomes. The figures: per night and
+    model version, then per model version over those nights (run_date null), the confirmed images, melanomas,
+    flagged and missed, sensitivity and specificity of the alert (`flagged`) and the AUC of melanoma_risk."""
+    con = connect(scores_uri, _nights(scores_uri, None, since, until), outcomes_uri)
+    try:
+        missed = _run(con, RECIPES["missed_melanomas"])
+        figures = _run(con, REALISED)
+    finally:
+        con.close()
+    aucs = [
+        metrics.roc_auc(np.array(r, dtype=float), np.array(p, dtype=bool))
+        for r, p in zip(figures.column("risks").to_pylist(), figures.column("positives").to_pylist())
+    ]
+    figures = figures.drop_columns(["risks", "positives"]).append_column("auc", pa.array(aucs, pa.float64()))
+    return missed, figures
 
 
 def iso_date(text: str | None) -> str | None:
