@@ -121,3 +121,35 @@ def _jpeg(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def drift_panel(drift: dict, labels: dict[str, str]) -> str:
+    """Small multiples: each compared feature's distribution on the night (line) over the model's validation set
+    (grey), drawn from their percentiles, then the predicted-class mix; a moved figure has a red title."""
+    names = list(drift["features"])
+    rows = -(-(len(names) + 1) // 3)
+    fig = Figure(figsize=(11, 2.7 * rows), dpi=100)
+    axes = fig.subplots(rows, 3, squeeze=False).ravel()
+    for ax, name in zip(axes, names):
+        f = drift["features"][name]
+        night, ref = np.asarray(f["percentiles"]), np.asarray(f["reference_percentiles"])
+        low, high = min(night.min(), ref.min()), max(night.max(), ref.max())
+        bins = np.linspace(low, high, 21) if high > low else np.linspace(low - 0.5, high + 0.5, 3)
+        ax.hist(ref, bins=bins, weights=np.full(len(ref), 1 / len(ref)), color="#c5cad6", label="validation")
+        ax.hist(night, bins=bins, weights=np.full(len(night), 1 / len(night)), histtype="step", linewidth=2,
+                color="#4f6bd8", label="this night")  # fmt: skip
+        ax.set_title(f"{labels[name]} · PSI {f['psi']:.2f}", fontsize=10, color="#b3261e" if f["shifted"] else "#1d2330")
+        ax.set_yticks([])
+    axes[0].legend(fontsize=8)
+    mix = drift["class_mix"]
+    ax = axes[len(names)]
+    classes = list(mix["reference"])
+    y = np.arange(len(classes))
+    ax.barh(y + 0.2, [mix["reference"][c] for c in classes], height=0.4, color="#c5cad6", label="validation")
+    ax.barh(y - 0.2, [mix["night"][c] for c in classes], height=0.4, color="#4f6bd8", label="this night")
+    ax.set_yticks(y, classes, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(f"predicted class · PSI {mix['psi']:.2f}", fontsize=10, color="#b3261e" if mix["shifted"] else "#1d2330")
+    for ax in axes[len(names) + 1 :]:
+        ax.set_axis_off()
+    return _png(fig)

@@ -17,7 +17,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from melanoma import archive, gradcam, images, layout, plots, query, registry, storage
+from melanoma import archive, drift, gradcam, images, layout, plots, query, registry, storage
 from melanoma.config import MELANOMA, Settings, settings
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def morning_report(
     scores_uri: str, run_date: str, out_path: str, model_uri: str | None = None, top: int = 100, heatmaps: int = 5
 ) -> dict:
     """One night's report: the `top` riskiest flagged lesions (the first `heatmaps` with a Grad-CAM heatmap), the risk
-    histogram with the alert threshold, the run's counts and errors.
+    histogram with the alert threshold, the night's drift against the model's validation set (an alert on top when
+    it moved), the run's counts and errors.
 
     The model (for heatmaps and the threshold) is model_uri, else the run summary's model_uri when it has one; it
     must be the version that scored the night. Without one the report shows everything else. Returns what it drew.
@@ -71,6 +72,9 @@ def morning_report(
         caption=_flagged_caption(total["flagged"], len(lesions), drawn, threshold, scores_uri, run_date),
         lesions=lesions,
         histogram=plots.risk_histogram(risks, threshold),
+        drift=summary.get("drift"),
+        drift_panel=_drift_panel(summary.get("drift")),
+        drift_rows=_drift_rows(summary.get("drift")),
         counts=[list(c.values()) for c in counts],
         summary=[[k.replace("_", " "), summary[k]] for k in SUMMARY_FACTS if k in summary],
         errors=[[r["image_uri"], r["error"]] for r in errors],
@@ -156,6 +160,28 @@ def _decode(data: bytes | storage.StorageError, s: Settings) -> np.ndarray | str
         return images.decode(data, s.max_image_pixels, s.max_decoded_side)
     except images.ImageError as exc:
         return str(exc)
+
+
+def _drift_panel(figures: dict | None) -> str | None:
+    if not figures or "features" not in figures:
+        return None
+    return plots.drift_panel(figures, {name: label for name, (label, _) in drift.FEATURES.items()})
+
+
+def _drift_rows(figures: dict | None) -> list[list]:
+    """Each compared figure: this night, validation, PSI, p-value, moved."""
+    if not figures or "features" not in figures:
+        return []
+    rows = [
+        [drift.FEATURES[name][0] + " (mean)", f["mean"], f["reference_mean"], f["psi"], f"{f['p_value']:.2g}", f["shifted"]]
+        for name, f in figures["features"].items()
+    ]
+    flagged, mix = figures["flagged_share"], figures["class_mix"]
+    rows.append(["share flagged", flagged["night"], flagged["reference"], flagged["psi"], f"{flagged['p_value']:.2g}", flagged["shifted"]])
+    top = max(mix["night"], key=mix["night"].get)
+    rows.append([f"predicted class mix ({top})", mix["night"][top], mix["reference"][top], mix["psi"], f"{mix['p_value']:.2g}",
+                 mix["shifted"]])  # fmt: skip
+    return [row[:-1] + ["moved" if row[-1] else "no"] for row in rows]
 
 
 def _flagged_caption(flagged: int, shown: int, drawn: int, threshold: float | None, scores_uri: str, run_date: str) -> str:
