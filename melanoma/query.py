@@ -6,6 +6,9 @@ a condition on run_date makes DuckDB skip the other nights' files (binding the v
 the schema). For s3:// the filesystem of storage.fsspec_fs is registered with DuckDB: its httpfs extension would
 be downloaded at run time, and no extension is ever loaded here. Results are Arrow tables, never pandas frames.
 
+runs() is the view over the nights' run summaries (`_summary.json`): one row per finished night with its counts and
+its drift figures (melanoma/drift.py), read from the summaries, not from the rows.
+
 RECIPES holds the SQL for the everyday questions (`melanoma query SCORES --sql "..."`; the table is `scores`).
 
 With an outcome store (melanoma/outcomes.py) the connection also has the table `outcomes` and the view `confirmed`:
@@ -25,7 +28,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
-from melanoma import metrics, outcomes, storage
+from melanoma import layout, metrics, outcomes, storage
 from melanoma.errors import MelanomaError
 from melanoma.config import CLASS_NAMES
 from melanoma.layout import PARTITION
@@ -243,6 +246,44 @@ def realised(scores_uri: str, outcomes_uri: str, since: str | None = None, until
     ]
     figures = figures.drop_columns(["risks", "positives"]).append_column("auc", pa.array(aucs, pa.float64()))
     return missed, figures
+
+
+RUN_FIGURES = ("size", "brightness", "red_share", "blue_share", "sharpness", "melanoma_risk")
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_date", pa.date32()), ("model_version", pa.string()), ("images", pa.int64()), ("scored", pa.int64()),
+        ("errors", pa.int64()), ("flagged", pa.int64()), ("flagged_share", pa.float64()), ("drift_alert", pa.bool_()),
+        ("drift_reasons", pa.string()), ("drift_reference", pa.string()),
+        *[(f"psi_{name}", pa.float64()) for name in (*RUN_FIGURES, "flagged_share", "class_mix")],
+    ]
+)  # fmt: skip
+
+
+def runs(scores_uri: str, since: str | None = None, until: str | None = None) -> pa.Table:
+    """One row per night with a run summary, oldest first (a night still running has none): its counts, the drift
+    alert with its reasons (joined by "; ") and the PSI of each compared figure; drift columns are null for a night
+    scored without a drift reference or before the drift watch."""
+    rows = []
+    for night in _nights(scores_uri, None, since, until) or dates(scores_uri):
+        if not storage.exists(layout.summary_uri(scores_uri, night)):
+            continue
+        summary = layout.read_summary(scores_uri, night)
+        drift = summary.get("drift") or {}
+        compared = "features" in drift
+        psi = {f"psi_{name}": f["psi"] for name, f in drift.get("features", {}).items() if name in RUN_FIGURES}
+        rows.append({
+            "run_date": dt.date.fromisoformat(night), "model_version": summary.get("model_version"),
+            "images": summary.get("rows"), "scored": summary.get("scored"), "errors": summary.get("errors"),
+            "flagged": summary.get("flagged"),
+            "flagged_share": summary["flagged"] / summary["scored"] if summary.get("scored") else None,
+            "drift_alert": drift["alert"] if compared else None,
+            "drift_reasons": "; ".join(drift["reasons"]) if compared else None,
+            "drift_reference": drift.get("reference"),
+            **psi,
+            "psi_flagged_share": drift["flagged_share"]["psi"] if compared else None,
+            "psi_class_mix": drift["class_mix"]["psi"] if compared else None,
+        })  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
 def iso_date(text: str | None) -> str | None:
