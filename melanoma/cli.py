@@ -12,7 +12,7 @@ import sys
 from datetime import date, datetime, timedelta, timezone
 
 from melanoma import console, runtime
-from melanoma.config import ARCHS, settings
+from melanoma.config import ARCHS, ENGINES, settings
 from melanoma.errors import MelanomaError
 
 DEFAULTS = settings()
@@ -201,6 +201,8 @@ def _scoring_flags(c) -> None:
     c.add_argument("--batch-size", type=int, default=DEFAULTS.score_batch_size, help="images per model call")
     c.add_argument("--actors", type=int, default=DEFAULTS.actors, help="inference actors (each loads the model once)")
     c.add_argument("--gpus-per-actor", type=float, default=DEFAULTS.gpus_per_actor, help="GPUs each actor asks for")
+    c.add_argument("--engine", choices=ENGINES, default=DEFAULTS.engine,
+                   help="inference engine: auto runs the model's TF-Lite export on CPU actors and Keras on GPU actors")  # fmt: skip
     c.add_argument("--stall-seconds", type=int, default=DEFAULTS.score_stall_seconds,
                    help="abort a run in which nothing is scored for this long (a frozen endpoint, missing CPUs)")  # fmt: skip
     c.add_argument("--address", help=RAY_ADDRESS_HELP)
@@ -208,7 +210,7 @@ def _scoring_flags(c) -> None:
 
 def _score_settings(args):
     return settings(
-        score_batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        score_batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor, engine=args.engine,
         score_stall_seconds=args.stall_seconds, model_uri=args.model, scores_uri=args.output,
         archive_uri=getattr(args, "archive", None),
     )  # fmt: skip

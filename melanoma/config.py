@@ -43,6 +43,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Architectures in melanoma/model.py; "default" names the best measured recipe (docs/quality.md).
 DEFAULT_ARCH = "efficientnet-lite0"
 ARCHS = ("default", "seed-cnn", "residual-sep", "residual-sep-v2", "efficientnet-lite0")
+# Inference engines in melanoma/engine.py.
+ENGINES = ("auto", "keras", "tflite")
 
 
 def snake_case(name: str) -> str:
@@ -92,6 +94,8 @@ class Settings:
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    # "auto": the TF-Lite export on CPU actors (when the version has one), Keras on GPU actors; or "keras", "tflite".
+    engine: str = "auto"
     # Concurrent reads per prepare batch: hides S3 request latency (each read waits on the network, not a CPU).
     fetch_threads: int = 8
     # Tar shards read at once when an archive is listed (a shard is read through for its member headers).

@@ -6,7 +6,7 @@
   prepare: fetch a batch's bytes (concurrent reads), sha256, decode, resize (each bad input becomes an `error`,
            never a crash; Ray fuses this step into the Scorer actors, so pixels never cross processes)
       ▼
-  Scorer: model loaded once per actor, predict_on_batch, temperature, alert threshold (actor pool)
+  Scorer: model loaded once per actor (TF-Lite on CPU, engine.py), temperature, alert threshold (actor pool)
       ▼
   write_parquet ─► <work>/run_date=D/staging/   (checkpointed per block in <work>/run_date=D/checkpoints/)
       │  after the whole dataset is written (commit.py):
@@ -37,7 +37,7 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.exceptions import ExecutionTimeoutError
 
-from melanoma import archive, commit, images, layout, metrics, ray_adapter, registry, runtime, storage
+from melanoma import archive, commit, engine, images, layout, metrics, ray_adapter, runtime, storage
 from melanoma.config import IMAGE_SUFFIXES, MELANOMA, Settings
 from melanoma.errors import MelanomaError
 
@@ -80,22 +80,23 @@ def prepare(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side: int
 
 class Scorer:
     """Ray Data actor: each batch -> rows of the output schema. The verified model is loaded once, on the actor's
-    first batch: an error loading it then reaches the driver as itself (from a constructor, only as text)."""
+    first batch, through the engine the settings name (melanoma/engine.py): an error loading it then reaches the
+    driver as itself (from a constructor, only as text)."""
 
-    def __init__(self, model_uri: str, threads: int, progress: runtime.Feed):
+    def __init__(self, model_uri: str, engine_name: str, threads: int, gpu: bool, progress: runtime.Feed):
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-        self.model_uri = model_uri
+        self.model_uri, self.engine_name, self.threads, self.gpu = model_uri, engine_name, threads, gpu
         self.progress = progress  # the driver's bar: Ray Data has no driver-side callback per batch
 
     @functools.cached_property
-    def loaded(self) -> registry.LoadedModel:
-        return registry.load(self.model_uri)
+    def loaded(self):
+        return engine.load(self.model_uri, self.engine_name, self.threads, self.gpu)
 
     def __call__(self, batch: dict) -> pa.Table:
-        card = self.loaded.card
+        predictor, card, _ = self.loaded
         classes = card["class_names"]
         schema = layout.output_schema(classes)
         n = len(batch["image_uri"])
@@ -105,8 +106,7 @@ class Scorer:
         ok = np.array([e is None for e in errors], dtype=bool)
         probs = np.full((n, len(classes)), np.nan)
         if ok.any():
-            raw = self.loaded.model.predict_on_batch(batch["image"][ok].astype(np.float32))
-            probs[ok] = metrics.temperature_scale(np.asarray(raw, dtype=np.float64), card["temperature"])
+            probs[ok] = metrics.temperature_scale(predictor.predict(batch["image"][ok]), card["temperature"])
         risk = probs[:, classes.index(card.get("positive_class", MELANOMA))]
         predicted = [classes[k] if good else None for k, good in zip(np.nan_to_num(probs).argmax(axis=1), ok)]
         columns = [
@@ -138,8 +138,8 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
         raise ValueError(f"run date '{run_date}' is not YYYY-MM-DD") from None
     night = layout.night(output_uri, run_date, s.work_uri)
     storage.check_writable(output_uri)
-    loaded = registry.load(model_uri)  # refuse a bad model before any work
-    card = loaded.card
+    # refuse a bad model before any work
+    version_dir, card, engine_name = engine.check(model_uri, s.engine, s.gpus_per_actor > 0)
     inputs, skipped = archive.list_inputs(input_uri)
     if inputs.empty:
         raise storage.StorageError(f"{input_uri}: no images ({', '.join(IMAGE_SUFFIXES)}) or tar shards found")
@@ -148,13 +148,12 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
     log.info("%s: %d images listed, %d to score with model %s", input_uri, len(inputs), len(todo), card["version"])
     if len(todo):
         commit.start(night, todo)
-        # the size it was trained at (registry.load checked the card against the model); older cards lack it
-        size = card.get("input_size", loaded.model.input_shape[1:])[0] or s.image_size
+        size = card.get("input_size", [s.image_size])[0]  # the size it was trained at; older cards lack it
         with runtime.remote_progress(len(todo), "score", "img") as progress:
-            _run_pipeline(s, model_uri, size, night, progress)
+            _run_pipeline(s, version_dir, size, night, progress)  # the version checked, even if `latest` moves
     facts = {
         "run_date": run_date, "model_version": card["version"], "inputs_listed": len(inputs),
-        "other_files_skipped": skipped, "input_uri": input_uri, "model_uri": loaded.uri,
+        "other_files_skipped": skipped, "input_uri": input_uri, "model_uri": version_dir, "engine": engine_name,
     }  # fmt: skip
     return commit.finish(night, facts, started)
 
@@ -188,7 +187,8 @@ def _run_pipeline(s: Settings, model_uri: str, image_size: int, night: layout.Ni
                 .map_batches(
                     Scorer,
                     fn_constructor_kwargs={
-                        "model_uri": model_uri, "threads": max(int(s.cpus_per_actor), 1), "progress": progress,
+                        "model_uri": model_uri, "engine_name": s.engine, "threads": max(int(s.cpus_per_actor), 1),
+                        "gpu": s.gpus_per_actor > 0, "progress": progress,
                     },
                     compute=ActorPoolStrategy(size=s.actors),
                     num_cpus=s.cpus_per_actor,

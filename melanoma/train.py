@@ -26,7 +26,7 @@ import ray.train
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from melanoma import augment, dataset, images, metrics, registry, runtime, sources, storage
+from melanoma import augment, dataset, engine, images, metrics, registry, runtime, sources, storage
 from melanoma.config import CLASS_NAMES, MELANOMA, Settings
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,8 @@ def publish_evaluated(model, s: Settings, data_uri: str, val_rows: pd.DataFrame,
             "libraries": _library_versions(),
             "created_at": datetime.now(timezone.utc).isoformat(),
         }
-        target = registry.publish(model_dir, model_file, card)
+        extras = {engine.TFLITE_FILE: engine.export_tflite(model, s.image_size)}
+        target = registry.publish(model_dir, model_file, card, extras)
     log.info("published %s", target)
     return card
 

@@ -133,6 +133,21 @@ def test_local_dir_and_s3_give_identical_rows(ray_client, s3_scores, trained_mod
     }
 
 
+def test_the_tflite_engine_scores_the_keras_risks_on_real_images(ray_client, s3_scores, trained_model, s3_archive, tmp_path):
+    """The default engine on CPU is the model's TF-Lite export: its risks stay within 1e-5 of Keras's."""
+    output = str(tmp_path / "scores")
+    summary = score.score(settings(actors=1, score_batch_size=8, engine="keras"), trained_model, s3_archive, output, RUN_DATE)
+    assert summary["engine"] == "keras" and layout.read_summary(s3_scores, RUN_DATE)["engine"] == "tflite"
+    keras_rows, lite_rows = _rows(output), _rows(s3_scores)
+    assert [r["image_uri"] for r in keras_rows] == [r["image_uri"] for r in lite_rows]
+    scored = [(k, t) for k, t in zip(keras_rows, lite_rows) if k["error"] is None]
+    assert len(scored) == 24
+    probabilities = [c for c in keras_rows[0] if c.startswith("p_")] + ["melanoma_risk"]
+    for k, t in scored:
+        assert max(abs(k[c] - t[c]) for c in probabilities) < 1e-5, k["image_uri"]
+        assert k["predicted_class"] == t["predicted_class"] and k["flagged"] == t["flagged"]
+
+
 def test_tar_shards_give_the_same_rows_as_loose_files(ray_client, s3, s3_scores, trained_model, local_archive):
     files = sorted(p for p in local_archive.rglob("*") if p.is_file())
     bucket = s3.make_bucket("archive-tar")
