@@ -89,6 +89,14 @@ class Settings:
     # Images decoded per Ray Data task when loading a training split, and per predict call when evaluating.
     decode_batch_size: int = 64
     target_sensitivity: float = 0.90
+    # Promotion gate (docs/promotion.md): a candidate replaces `latest` only if the 2.5th percentile of a paired
+    # bootstrap of its melanoma AUC minus latest's is at least -promote_auc_margin, its sensitivity at its own
+    # threshold at least min(latest's, target_sensitivity) - promote_sensitivity_margin, and its ECE at most
+    # latest's + promote_ece_margin.
+    promote_auc_margin: float = 0.02
+    promote_sensitivity_margin: float = 0.05
+    promote_ece_margin: float = 0.03
+    promote_bootstrap_draws: int = 1000
     # Scoring
     score_batch_size: int = 64
     actors: int = 1
@@ -96,6 +104,10 @@ class Settings:
     gpus_per_actor: float = 0.0
     # "auto": the TF-Lite export on CPU actors (when the version has one), Keras on GPU actors; or "keras", "tflite".
     engine: str = "auto"
+    # Drift watch (docs/drift.md): a night's figure has moved when its population stability index against the
+    # model's validation set is at least drift_psi and a chi-square test of homogeneity gives p below drift_p_value.
+    drift_psi: float = 0.25
+    drift_p_value: float = 0.001
     # Concurrent reads per prepare batch: hides S3 request latency (each read waits on the network, not a CPU).
     fetch_threads: int = 8
     # Tar shards read at once when an archive is listed (a shard is read through for its member headers).

@@ -26,7 +26,7 @@ import ray.train
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from melanoma import augment, dataset, engine, images, metrics, registry, runtime, sources, storage
+from melanoma import augment, dataset, drift, engine, images, metrics, registry, runtime, sources, storage
 from melanoma.config import CLASS_NAMES, MELANOMA, Settings
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,15 @@ BEST_MODEL = "best.keras"
 
 
 def load_images(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side: int) -> dict:
-    """Ray Data map step: uri -> image (image_size x image_size x 3 uint8)."""
-    pixels = [
-        images.resize(images.decode(storage.read_bytes(uri), max_pixels, max_side), image_size) for uri in batch["uri"]
-    ]
-    return {"image": np.stack(pixels), "label": batch["label_index"].to_numpy(np.int64)}
+    """Ray Data map step: uri -> image (image_size x image_size x 3 uint8), label, and the width and height it was
+    decoded at (for the drift reference)."""
+    decoded = [images.decode(storage.read_bytes(uri), max_pixels, max_side) for uri in batch["uri"]]
+    return {
+        "image": np.stack([images.resize(d, image_size) for d in decoded]),
+        "label": batch["label_index"].to_numpy(np.int64),
+        "width": np.array([d.shape[1] for d in decoded], dtype=np.int32),
+        "height": np.array([d.shape[0] for d in decoded], dtype=np.int32),
+    }
 
 
 def training_tables(data_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -243,25 +247,29 @@ def train_loop(config: dict) -> None:
             break
 
 
-def _predict(model, rows: pd.DataFrame, s: Settings) -> np.ndarray:
-    probs = []
+def _predict(model, rows: pd.DataFrame, s: Settings) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Class probabilities of the rows, and the drift statistics of the same decoded images."""
+    probs, stats = [], []
     for start in range(0, len(rows), s.decode_batch_size):
         chunk = rows.iloc[start : start + s.decode_batch_size]
-        batch = load_images(chunk, s.image_size, s.max_image_pixels, s.max_decoded_side)["image"]
-        probs.append(model.predict_on_batch(batch.astype(np.float32)))
-    return np.concatenate(probs)
+        batch = load_images(chunk, s.image_size, s.max_image_pixels, s.max_decoded_side)
+        probs.append(model.predict_on_batch(batch["image"].astype(np.float32)))
+        stats.append(drift.image_stats(batch["image"], batch["width"], batch["height"]))
+    return np.concatenate(probs), {k: np.concatenate([b[k] for b in stats]) for k in drift.STAT_COLUMNS}
 
 
-def evaluate(model, val: pd.DataFrame, s: Settings) -> dict:
-    """Metrics before and after calibration on the validation split, with the alert threshold."""
-    probs = _predict(model, val, s)
+def evaluate(model, val: pd.DataFrame, s: Settings) -> tuple[dict, dict]:
+    """Metrics before and after calibration on the validation split, with the alert threshold; and the drift
+    reference of the same images and calibrated probabilities (melanoma/drift.py)."""
+    probs, stats = _predict(model, val, s)
     labels = val["label_index"].to_numpy()
     mel = CLASS_NAMES.index(MELANOMA)
     calibration = metrics.calibrate(probs, labels, mel, s.target_sensitivity, s.seed)
     calibrated = metrics.temperature_scale(probs, calibration["temperature"])
     report = metrics.classification_report(calibrated, labels, list(CLASS_NAMES), MELANOMA)
     fpr, tpr = metrics.roc_curve(calibrated[:, mel], labels == mel)
-    return report | {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}, "calibration": calibration}
+    reference = drift.reference(stats, calibrated, calibration["alert_threshold"], list(CLASS_NAMES), MELANOMA)
+    return report | {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}, "calibration": calibration}, reference
 
 
 def _file_sha256(uri: str) -> str:
@@ -351,7 +359,7 @@ def publish_evaluated(model, s: Settings, data_uri: str, val_rows: pd.DataFrame,
     with tempfile.TemporaryDirectory() as tmp:
         model_file = os.path.join(tmp, registry.MODEL_FILE)
         model.save(model_file)
-        evaluation = evaluate(model, val_rows, s)
+        evaluation, reference = evaluate(model, val_rows, s)
         card = {
             "version": registry.new_version(facts["arch"]),
             "class_names": list(CLASS_NAMES),
@@ -370,7 +378,10 @@ def publish_evaluated(model, s: Settings, data_uri: str, val_rows: pd.DataFrame,
             "libraries": _library_versions(),
             "created_at": datetime.now(timezone.utc).isoformat(),
         }
-        extras = {engine.TFLITE_FILE: engine.export_tflite(model, s.image_size)}
+        extras = {
+            engine.TFLITE_FILE: engine.export_tflite(model, s.image_size),
+            drift.REFERENCE_FILE: json.dumps(reference).encode(),
+        }
         target = registry.publish(model_dir, model_file, card, extras)
     log.info("published %s", target)
     return card
