@@ -194,6 +194,28 @@ def _ensemble(args) -> None:
     print(console.card_line(ensemble.combine(settings(), args.models, args.data, args.model_dir), args.model_dir))
 
 
+def promote(sub) -> None:
+    c = _command(sub, "promote", _promote, "Point 'latest' at a candidate version only if it is not worse than latest on the same "
+                 "labelled images (docs/promotion.md); every decision is logged in the registry.", logs=True)  # fmt: skip
+    c.add_argument("candidate", metavar="CANDIDATE", help="a version published in --model-dir (its name or <model-dir>/<version>)")
+    c.add_argument("--model-dir", required=True, help="registry root holding the candidate and 'latest', local or s3://")
+    c.add_argument("--labels", required=True, help="CSV image_id,label (one of the 9 classes), local or s3://")
+    c.add_argument("--images", required=True, help="folder or prefix holding <image_id>.jpg, local or s3://")
+    c.add_argument("--force", action="store_true", help="move 'latest' even if the rule refuses the candidate (logged as forced)")
+
+
+def _promote(args) -> None:
+    from melanoma import promote
+
+    entry = promote.promote(settings(), args.candidate, args.model_dir, args.labels, args.images, args.force)
+    table = promote.comparison_lines(entry)
+    if table:
+        print(table)
+    if entry["decision"] == "refused":
+        raise promote.Refused(promote.decision_line(entry))
+    print(promote.decision_line(entry))
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -206,6 +228,8 @@ def _scoring_flags(c) -> None:
     c.add_argument("--stall-seconds", type=int, default=DEFAULTS.score_stall_seconds,
                    help="abort a run in which nothing is scored for this long (a frozen endpoint, missing CPUs)")  # fmt: skip
     c.add_argument("--address", help=RAY_ADDRESS_HELP)
+    c.add_argument("--shadow", metavar="CANDIDATE",
+                   help="then score the same images with this version dir into <output>_shadow/<version>/ (docs/promotion.md)")
 
 
 def _score_settings(args):
@@ -229,7 +253,12 @@ def _score(args) -> None:
     from melanoma import score
 
     runtime.connect(args.address, args.verbose)
-    print(console.summary_line(score.score(_score_settings(args), args.model, args.input, args.output, args.run_date)))
+    s = _score_settings(args)
+    summary = score.score(s, args.model, args.input, args.output, args.run_date)
+    print(console.summary_line(summary))
+    if args.shadow:  # the same night, after the main run: a failing candidate never delays or spoils it
+        shadow = _shadow_settings(s, args.shadow, args.output)
+        print(console.summary_line(score.score(shadow, shadow.model_uri, args.input, shadow.scores_uri, summary["run_date"])))
 
 
 def nightly(sub) -> None:
@@ -245,7 +274,16 @@ def _nightly(args) -> None:
     from melanoma import score
 
     runtime.connect(args.address, args.verbose)
-    print(console.summary_line(score.nightly(_score_settings(args), args.date)))
+    s = _score_settings(args)
+    print(console.summary_line(score.nightly(s, args.date)))
+    if args.shadow:
+        print(console.summary_line(score.nightly(_shadow_settings(s, args.shadow, args.output), args.date)))
+
+
+def _shadow_settings(s, candidate: str, scores_uri: str):
+    from melanoma import promote
+
+    return promote.shadow_settings(s, candidate, scores_uri)
 
 
 # ---------------------------------------------------------------- reading the outputs
@@ -353,7 +391,7 @@ def _demo(args) -> None:
     print(demo.closing_lines(demo.run(args.data, args.archive_source, args.epochs, args.archive_images, verbose=args.verbose)))
 
 
-COMMANDS = (audit, split, augment, add_source, pipeline, train, ensemble, score, nightly, query, report, submit, demo)
+COMMANDS = (audit, split, augment, add_source, pipeline, train, ensemble, promote, score, nightly, query, report, submit, demo)
 
 
 def parser() -> argparse.ArgumentParser:
