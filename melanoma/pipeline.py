@@ -4,11 +4,16 @@ ROOT holds isic-9class/Train/, labels/isic2019_training_ground_truth.csv, ham100
 the project's shared data); W is the work dir, M the model registry, each local or s3://.
 
   split isic-9class (by lesion where HAM10000 knows it) ─► augment its training split (Augmentor)
-  ─► add HAM10000 (by lesion) ─► add isic-extra (by patient / lesion) ─► train, evaluate, calibrate, publish
+  ─► add HAM10000 (by lesion) ─► add isic-extra (by patient / lesion) ─► [add the confirmed outcomes (by night)]
+  ─► train, evaluate, calibrate, publish
+
+With an outcome store (and the scores it confirms), its new confirmed images are added on every run, and a work dir
+holding outcomes trains under a run name that includes its manifest's digest: new outcomes, a new model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from melanoma import augment, dataset, ham10000, registry, sources, storage, train
@@ -21,7 +26,7 @@ GROUND_TRUTH = "labels/isic2019_training_ground_truth.csv"
 HAM = "ham10000"
 EXTRA = "isic-extra"
 # Held-out shares per source: (validation, test). HAM10000's reproduce its earlier split (HAM-test).
-HELD_OUT = {HAM: (0.1, 0.1), EXTRA: (0.1, 0.15)}
+HELD_OUT = {HAM: (0.1, 0.1), EXTRA: (0.1, 0.15), sources.OUTCOMES: (0.1, 0.2)}
 
 
 def check_root(root: str) -> None:
@@ -32,8 +37,9 @@ def check_root(root: str) -> None:
             )
 
 
-def prepare(s: Settings, root: str, work: str) -> dict:
-    """Split, augment and add the sources into `work`; each step is skipped when its output is there."""
+def prepare(s: Settings, root: str, work: str, outcomes_uri: str | None = None, scores_uri: str | None = None) -> dict:
+    """Split, augment and add the sources into `work`; each step is skipped when its output is there. The outcomes
+    (outcomes_uri, confirming rows of scores_uri) are added whenever they hold images new to `work`."""
     check_root(root)
     done = {}
     if storage.exists(storage.join(work, dataset.MANIFEST)):
@@ -54,14 +60,19 @@ def prepare(s: Settings, root: str, work: str) -> dict:
         work, EXTRA, lambda: sources.read_labels(storage.join(extra, "labels.csv"), storage.join(extra, "images"), EXTRA),
         *HELD_OUT[EXTRA], s.seed,
     )
+    if outcomes_uri:
+        log.info("step 3/4 sources: outcomes %s, as scored in %s", outcomes_uri, scores_uri)
+        done[sources.OUTCOMES] = sources.add_outcomes(work, outcomes_uri, scores_uri, *HELD_OUT[sources.OUTCOMES], s.seed)
     return done
 
 
-def run(s: Settings, root: str, work: str, model_dir: str) -> dict:
+def run(s: Settings, root: str, work: str, model_dir: str, outcomes_uri: str | None = None, scores_uri: str | None = None) -> dict:
     """Prepare `work`, then train and publish the model of settings `s`; returns its card. A model already
     published from the same run is not trained again."""
-    prepare(s, root, work)
+    prepare(s, root, work, outcomes_uri, scores_uri)
     run_name = train.run_name_for(s, work)
+    if sources.OUTCOMES in sources.read_sources(work):
+        run_name += "-" + hashlib.sha256(storage.read_bytes(storage.join(work, dataset.MANIFEST))).hexdigest()[:8]
     published = _published(model_dir, run_name)
     if published:
         log.info("step 4/4 train: run %s already published as %s, skipped", run_name, published["version"])

@@ -23,6 +23,8 @@ from melanoma.config import MELANOMA, Settings, settings
 log = logging.getLogger(__name__)
 
 MAX_ERRORS_SHOWN = 100
+MAX_MISSED_SHOWN = 100
+MAX_NIGHTS_SHOWN = 30
 CARD_FACTS = (
     "arch", "created_at", "data_uri", "train_images", "val_images", "epochs_run", "training_seconds", "run_name", "model_sha256",
 )  # fmt: skip
@@ -32,11 +34,13 @@ SUMMARY_FACTS = (
 
 
 def morning_report(
-    scores_uri: str, run_date: str, out_path: str, model_uri: str | None = None, top: int = 100, heatmaps: int = 5
+    scores_uri: str, run_date: str, out_path: str, model_uri: str | None = None, top: int = 100, heatmaps: int = 5,
+    outcomes_uri: str | None = None,
 ) -> dict:
     """One night's report: the `top` riskiest flagged lesions (the first `heatmaps` with a Grad-CAM heatmap), the risk
     histogram with the alert threshold, the night's drift against the model's validation set (an alert on top when
-    it moved), the run's counts and errors.
+    it moved), the run's counts and errors; with an outcome store, the confirmed diagnoses of the nights up to this
+    one: the missed melanomas and the realised figures.
 
     The model (for heatmaps and the threshold) is model_uri, else the run summary's model_uri when it has one; it
     must be the version that scored the night. Without one the report shows everything else. Returns what it drew.
@@ -78,8 +82,26 @@ def morning_report(
         counts=[list(c.values()) for c in counts],
         summary=[[k.replace("_", " "), summary[k]] for k in SUMMARY_FACTS if k in summary],
         errors=[[r["image_uri"], r["error"]] for r in errors],
+        outcomes=_outcomes(scores_uri, outcomes_uri, run_date) if outcomes_uri else None,
     )  # fmt: skip
     return {"path": out_path, "run_date": run_date, "shown": len(lesions), "heatmaps": drawn, **total}
+
+
+def _outcomes(scores_uri: str, outcomes_uri: str, run_date: str) -> dict:
+    """The confirmed diagnoses of the nights up to run_date: missed melanomas (newest night first, at most
+    MAX_MISSED_SHOWN) and the realised figures (the newest MAX_NIGHTS_SHOWN nights, then per model version)."""
+    missed, figures = query.realised(scores_uri, outcomes_uri, until=run_date)
+    rows = figures.to_pylist()
+    nightly = [r for r in rows if r["run_date"] is not None][-MAX_NIGHTS_SHOWN:][::-1]
+    columns = ("model_version", "confirmed", "melanomas", "flagged", "missed", "sensitivity", "specificity", "auc")
+    return {
+        "uri": outcomes_uri,
+        "missed_total": missed.num_rows,
+        "missed": [[str(r["run_date"]), r["image_id"], r["melanoma_risk"], r["diagnosis"] or MELANOMA, str(r["confirmed_on"]),
+                    r["note"], r["image_uri"]] for r in missed.to_pylist()[:MAX_MISSED_SHOWN]],  # fmt: skip
+        "figures": [[str(r["run_date"]) if r["run_date"] else "all nights", *(r[c] for c in columns)]
+                    for r in nightly + [r for r in rows if r["run_date"] is None]],  # fmt: skip
+    }
 
 
 def model_card_report(model_uri: str, out_path: str) -> dict:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from melanoma import layout, outcomes, query
+from melanoma import layout, outcomes, query, report
 from melanoma.config import CLASS_NAMES, MELANOMA, snake_case
 
 NIGHTS = ("2026-11-26", "2026-11-27")
@@ -24,7 +24,7 @@ def sha(image_id: str) -> str:
 def scored(image_id: str, risk: float | None) -> dict:
     """A row as the scorer writes it, flagged at 0.5; risk None is a row that could not be scored."""
     return {
-        "image_id": image_id, "image_uri": f"s3://archive/{image_id}.jpg", "sha256": sha(image_id),
+        "image_id": image_id, "image_uri": f"/gone/archive/{image_id}.jpg", "sha256": sha(image_id),
         "melanoma_risk": risk, "flagged": None if risk is None else risk >= 0.5,
         "predicted_class": None if risk is None else MELANOMA,
         **{f"p_{snake_case(c)}": None if risk is None else (risk if c == MELANOMA else 0.0) for c in CLASS_NAMES},
@@ -100,3 +100,19 @@ def test_no_outcomes_yet_gives_empty_tables(scores, tmp_path):
     missed, figures = query.realised(scores, str(tmp_path / "no-store"))
     assert missed.num_rows == 0 and figures.num_rows == 0
     assert figures.column_names[-3:] == ["sensitivity", "specificity", "auc"]
+
+
+def test_the_morning_report_shows_the_confirmed_diagnoses_up_to_its_night(scores, store, tmp_path):
+    out = tmp_path / "report.html"
+    report.morning_report(scores, NIGHTS[0], str(out), outcomes_uri=store)
+    page = out.read_text()
+    section = page[page.index('<section id="outcomes">') : page.index('<section id="distribution">')]
+    assert "Missed melanomas: confirmed melanoma, not flagged (1)" in section
+    assert "<td>c</td>" in section and "<td>a</td>" not in section  # a was missed on the later night only
+    assert section.count("<tr>") == 1 + 1 + 1 + 2  # header, c; header, the night and all nights
+    assert "<td>all nights</td>" in section and '<td class="num">0.750</td>' in section
+
+    report.morning_report(scores, NIGHTS[0], str(out))
+    assert 'id="outcomes"' not in out.read_text()
+    report.morning_report(scores, NIGHTS[0], str(out), outcomes_uri=str(tmp_path / "empty"))
+    assert "No confirmed diagnosis matches these scores yet." in out.read_text()
