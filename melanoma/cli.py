@@ -108,7 +108,10 @@ def add_source(sub) -> None:
     where.add_argument("--labels", help="CSV with image_id, label (may be empty), melanoma (0/1), lesion_id, patient_id"
                                         " [, source]; needs --images")  # fmt: skip
     where.add_argument("--ham10000", metavar="ROOT", help="HAM10000 root: HAM10000_metadata.csv and images/<image_id>.jpg")
+    where.add_argument("--outcomes", metavar="STORE", help="outcome store (melanoma outcomes add): the confirmed images, "
+                                                           "fetched from where --scores scored them, split by night")  # fmt: skip
     c.add_argument("--images", help="folder or prefix holding <image_id>.jpg for --labels, local or s3://")
+    c.add_argument("--scores", default=DEFAULTS.scores_uri, help="scores dataset the --outcomes confirm, local or s3://")
     c.add_argument("--name", help="the source's name in the manifest (default: 'ham10000', or the CSV's folder name)")
     c.add_argument("--val-fraction", type=float, default=0.1, help="share of groups (patients, lesions) for validation")
     c.add_argument("--test-fraction", type=float, default=0.1, help="share of groups held out as a test set")
@@ -118,6 +121,10 @@ def add_source(sub) -> None:
 def _add_source(args) -> None:
     from melanoma import ham10000, sources, storage
 
+    if args.outcomes:
+        report = sources.add_outcomes(args.work, args.outcomes, args.scores, args.val_fraction, args.test_fraction, args.seed)
+        print(console.source_line(sources.OUTCOMES, report, args.work))
+        return
     if args.ham10000:
         name, read = args.name or ham10000.NAME, lambda: ham10000.read_source(args.ham10000)
     else:
@@ -134,6 +141,8 @@ def pipeline(sub) -> None:
                    help="holds isic-9class/Train/, labels/, ham10000/ and isic-extra/ (as ../shared/data), local or s3://")
     c.add_argument("--work", required=True, help="work directory, local or s3://; steps whose output is there are skipped")
     c.add_argument("--model-dir", required=True, help="registry root to publish to, local or s3://")
+    c.add_argument("--outcomes", metavar="STORE", help="outcome store: its confirmed images new to the work dir are added, split by night")
+    c.add_argument("--scores", default=DEFAULTS.scores_uri, help="scores dataset the --outcomes confirm, local or s3://")
     c.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="at most this many epochs (early stopping may end sooner)")
     c.add_argument("--workers", type=int, default=DEFAULTS.workers, help="Ray Train workers")
     c.add_argument("--gpus-per-worker", type=float, default=DEFAULTS.gpus_per_worker, help="GPUs each worker asks for")
@@ -147,7 +156,7 @@ def _pipeline(args) -> None:
     s = settings(epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker, seed=args.seed)
     pipeline.check_root(args.data_root)  # before starting Ray: a wrong path is one line at once
     runtime.connect(args.address, args.verbose)
-    print(console.card_line(pipeline.run(s, args.data_root, args.work, args.model_dir), args.model_dir))
+    print(console.card_line(pipeline.run(s, args.data_root, args.work, args.model_dir, args.outcomes, args.scores), args.model_dir))
 
 
 # ---------------------------------------------------------------- models
@@ -286,6 +295,26 @@ def _shadow_settings(s, candidate: str, scores_uri: str):
     return promote.shadow_settings(s, candidate, scores_uri)
 
 
+# ---------------------------------------------------------------- confirmed diagnoses
+
+
+def outcomes(sub) -> None:
+    c = _command(sub, "outcomes", _outcomes, "Record confirmed diagnoses in an outcome store (melanoma query/report/pipeline --outcomes read it).")
+    actions = c.add_subparsers(dest="action", required=True, metavar="{add}")
+    what = "Add a CSV of confirmed diagnoses, checked row by row: one bad row and nothing is written."
+    a = actions.add_parser("add", help=what, description=what, formatter_class=HelpFormatter)
+    a.add_argument("csv", metavar="CSV", help="columns image_id and/or sha256, diagnosis (one of the 9 classes) and/or melanoma "
+                                              "(yes/no/1/0), confirmed_on (YYYY-MM-DD) [, note, lesion_id, patient_id]; local or s3://")  # fmt: skip
+    a.add_argument("--store", required=True, help="outcome store root, local or s3://: one new Parquet file per add")
+
+
+def _outcomes(args) -> None:
+    from melanoma import outcomes
+
+    r = outcomes.add(args.csv, args.store)
+    print(f"outcomes: {r.added} added, {r.already_known} already known, of {r.rows} rows -> {r.file or r.store + ' (nothing new)'}")
+
+
 # ---------------------------------------------------------------- reading the outputs
 
 QUERY_FILTERS = ("date", "since", "until", "flagged", "min_risk", "cls", "top", "errors")
@@ -304,12 +333,20 @@ def query(sub) -> None:
     c.add_argument("--errors", action="store_true", help="only images that could not be scored, with the reason")
     c.add_argument("--top", type=int, help="at most N rows, riskiest first")
     c.add_argument("--sql", help="one SQL statement over the view `scores` (recipes: melanoma.query.RECIPES)")
+    c.add_argument("--outcomes", metavar="STORE",
+                   help="outcome store: the missed melanomas and realised sensitivity, specificity, AUC per night and model "
+                        "version (--date/--since/--until narrow the nights); with --sql also the views `outcomes` and `confirmed`")  # fmt: skip
     c.add_argument("--format", default="table", choices=["table", "csv", "json"], help="how to print the rows")
 
 
 def _query_check(args) -> str | None:
     if args.sql and any(getattr(args, f) not in (None, False) for f in QUERY_FILTERS):
         return "--sql takes no filter flags: put the conditions into the SQL"
+    if args.outcomes and not args.sql:
+        if any(getattr(args, f) not in (None, False) for f in QUERY_FILTERS if f not in ("date", "since", "until")):
+            return "--outcomes takes only --date, --since and --until (or --sql over the view `confirmed`)"
+        if args.format == "csv":
+            return "--outcomes prints two tables: --format table or json (one table as CSV: --sql over the view `confirmed`)"
     return None
 
 
@@ -317,7 +354,11 @@ def _query(args) -> None:
     from melanoma import query
 
     if args.sql:
-        table = query.sql(args.scores, args.sql)
+        table = query.sql(args.scores, args.sql, args.outcomes)
+    elif args.outcomes:
+        since, until = (args.date, args.date) if args.date else (args.since, args.until)
+        print(query.format_realised(*query.realised(args.scores, args.outcomes, since, until), args.format))
+        return
     else:
         table = query.query(args.scores, **{f: getattr(args, f) for f in QUERY_FILTERS})
     print(query.format_table(table, args.format))
@@ -332,11 +373,14 @@ def report(sub) -> None:
     c.add_argument("--model", help="model dir or version dir: heatmaps and threshold in a night's report; alone, its model card")
     c.add_argument("--top", type=int, default=100, help="at most N flagged lesions, riskiest first")
     c.add_argument("--heatmaps", type=int, default=5, help="Grad-CAM heatmaps for the N riskiest (needs --model)")
+    c.add_argument("--outcomes", metavar="STORE", help="outcome store: the missed melanomas and realised figures of the nights up to --date")
 
 
 def _report_check(args) -> str | None:
     if bool(args.scores) != bool(args.date) or not (args.scores or args.model):
         return "give SCORES_URI --date D for a night's report, or only --model URI for a model card"
+    if args.outcomes and not args.scores:
+        return "--outcomes goes into a night's report: give SCORES_URI --date D"
     return None
 
 
@@ -344,7 +388,8 @@ def _report(args) -> None:
     from melanoma import report
 
     if args.scores:
-        r = report.morning_report(args.scores, args.date, args.out, args.model, top=args.top, heatmaps=args.heatmaps)
+        r = report.morning_report(args.scores, args.date, args.out, args.model, top=args.top, heatmaps=args.heatmaps,
+                                  outcomes_uri=args.outcomes)
         print(console.report_line(r))
     else:
         print(console.model_card_line(report.model_card_report(args.model, args.out)))
@@ -391,7 +436,7 @@ def _demo(args) -> None:
     print(demo.closing_lines(demo.run(args.data, args.archive_source, args.epochs, args.archive_images, verbose=args.verbose)))
 
 
-COMMANDS = (audit, split, augment, add_source, pipeline, train, ensemble, promote, score, nightly, query, report, submit, demo)
+COMMANDS = (audit, split, augment, add_source, pipeline, train, ensemble, promote, score, nightly, outcomes, query, report, submit, demo)
 
 
 def parser() -> argparse.ArgumentParser:

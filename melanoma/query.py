@@ -331,6 +331,18 @@ def format_table(table: pa.Table, fmt: str = "table") -> str:
     return "\n".join(lines)
 
 
+def format_realised(missed: pa.Table, figures: pa.Table, fmt: str = "table") -> str:
+    """What realised() returns, the missed melanomas first: two titled tables, or one JSON object."""
+    if fmt == "json":
+        return json.dumps({"missed_melanomas": missed.to_pylist(), "realised": figures.to_pylist()}, default=_json_value, indent=1)
+    if fmt != "table":
+        raise QueryError(f"outcomes print two tables: format table or json, not '{fmt}' (one table: SQL over the view `confirmed`)")
+    return "\n".join([
+        f"missed melanomas (confirmed melanoma, not flagged): {missed.num_rows}", format_table(missed), "",
+        "realised per night and model version (no run_date: all those nights)", format_table(figures),
+    ])  # fmt: skip
+
+
 def _cell(value) -> str:
     if value is None:
         return ""
