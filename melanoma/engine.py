@@ -1,9 +1,10 @@
-"""Inference engines: the published Keras model, or its TF-Lite export run by the XNNPACK delegate.
+"""Inference engines: the published Keras model, or its TF-Lite export run by LiteRT's XNNPACK delegate.
 
 On CPU the TF-Lite float32 export computes the same probabilities (within 1e-5) about twice as fast as Keras
-`predict_on_batch` (docs/capacity.md has the measurements, benchmarks/score_throughput.py makes them). It is
-produced at publish time, for the input size on the card, and stored in the registry beside the model with its
-checksum on the card; loading verifies it. GPU actors keep TensorFlow.
+`predict_on_batch`, and LiteRT's interpreter loads without importing TensorFlow, which takes seconds per process
+(docs/capacity.md has the measurements, benchmarks/score_throughput.py makes them). The export is produced at
+publish time, for the input size on the card, and stored in the registry beside the model with its checksum on
+the card; loading verifies it. GPU actors keep TensorFlow.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import warnings
 
 import numpy as np
 
@@ -66,6 +66,17 @@ class KerasEngine:
     def __init__(self, model):
         self.model = model
 
+    @classmethod
+    def load(cls, version_dir: str, threads: int) -> "KerasEngine":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:  # TensorFlow already ran in this process: its thread pools are fixed
+            log.debug("TensorFlow already initialised; keeping its thread pools")
+        return cls(registry.load(version_dir).model)
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict_on_batch(images.astype(np.float32)), dtype=np.float64)
 
@@ -76,11 +87,9 @@ class TFLiteEngine:
     name = "tflite"
 
     def __init__(self, flatbuffer: bytes, threads: int):
-        import tensorflow as tf
+        from ai_edge_litert.interpreter import Interpreter
 
-        with warnings.catch_warnings():  # its deprecation notice names a package this project does not use
-            warnings.simplefilter("ignore", UserWarning)
-            self._interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=max(threads, 1))
+        self._interpreter = Interpreter(model_content=flatbuffer, num_threads=max(threads, 1))
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._batch = 0
@@ -134,5 +143,4 @@ def load(model_uri: str, engine: str, threads: int, gpu: bool = False):
         except (ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise registry.ModelError(f"{storage.join(version_dir, TFLITE_FILE)}: cannot be loaded: {reason}") from None
-    loaded = registry.load(version_dir)
-    return KerasEngine(loaded.model), loaded.card, version_dir
+    return KerasEngine.load(version_dir, threads), card, version_dir
