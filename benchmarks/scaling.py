@@ -594,6 +594,7 @@ def _synthetic_partition(root: str, n: int, rows_per_file: int) -> None:
             "flagged": probs[:, 3] >= 0.5, "predicted_class": [CLASS_NAMES[j] for j in probs.argmax(1)],
             **{name: probs[:, j] for j, name in enumerate(f.name for f in schema if f.name.startswith("p_"))},
             "model_version": ["v"] * m, "scored_at": [now] * m, "error": [None] * m,
+            **{name: [None] * m for name in layout.IMAGE_STATS},
         }
         pq.write_table(pa.table(columns, schema=schema), os.path.join(target, f"part-{k:05d}.parquet"))
 

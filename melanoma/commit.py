@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -104,9 +105,9 @@ def finish_interrupted_commits(night: Night) -> int:
 
 
 @_explained
-def finish(night: Night, facts: dict, started: datetime) -> dict:
-    """Promotes the staged files, drops the night's bookkeeping, then writes the run summary (facts and the counts
-    read back from the partition) and returns it."""
+def finish(night: Night, facts: dict, started: datetime, measure: Callable[[str], dict] | None = None) -> dict:
+    """Promotes the staged files, drops the night's bookkeeping, then writes the run summary (facts, the counts read
+    back from the partition, and what measure(partition uri) reads from the complete night) and returns it."""
     promoted = _promote(night)
     # the subdirectories first: SeaweedFS still answers for a directory whose subdirectories went with it
     for uri in (night.staging, night.checkpoints, night.work):
@@ -114,7 +115,8 @@ def finish(night: Night, facts: dict, started: datetime) -> dict:
     if not storage.is_s3(night.work_root):
         with contextlib.suppress(OSError):  # an empty local directory is all that is left (S3 keeps none)
             os.rmdir(storage.pyarrow_fs(night.work_root)[1])
-    summary = facts | _counts(night, started) | {"output_uri": night.partition, "files_written": promoted}
+    measured = measure(night.partition) if measure else {}
+    summary = facts | _counts(night, started) | measured | {"output_uri": night.partition, "files_written": promoted}
     storage.write_bytes(night.summary, json.dumps(summary, indent=2).encode())
     return summary
 

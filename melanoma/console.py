@@ -130,11 +130,13 @@ def card_line(card: dict, model_dir: str) -> str:
 
 
 def summary_line(summary: dict) -> str:
-    return (
+    line = (
         f"scored {summary['scored']} images, {summary['errors']} errors, {summary['flagged']} flagged "
         f"({summary['scored_this_run']} new, {summary['images_per_second']} img/s) with model {summary['model_version']} "
         f"-> {summary['output_uri']}"
     )
+    drift = summary.get("drift") or {}
+    return line + ("; DRIFT ALERT: " + "; ".join(drift["reasons"]) if drift.get("alert") else "")
 
 
 def report_line(r: dict) -> str:

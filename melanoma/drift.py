@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2_contingency
 
-from melanoma import registry
+from melanoma import layout, registry
 
 REFERENCE_FILE = "drift_reference.json"
-STAT_COLUMNS = ("image_width", "image_height", "mean_red", "mean_green", "mean_blue", "sharpness")
+STAT_COLUMNS = tuple(layout.IMAGE_STATS)
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 weights of R, G, B
 DECILES = np.linspace(0.1, 0.9, 9)
 PERCENTILES = np.linspace(0, 100, 51)  # the shape of each distribution, for the report's histograms

@@ -25,6 +25,16 @@ PARTITION = "run_date="
 SUMMARY = "_summary.json"
 WORK_SUFFIX = "_work"
 SHADOW_SUFFIX = "_shadow"
+# Per-image statistics for the drift watch (melanoma/drift.py): the size the image was decoded at (the long side is
+# capped at Settings.max_decoded_side), the mean of each channel in [0, 1] and the sharpness of the model-sized image.
+IMAGE_STATS = {
+    "image_width": pa.int32(),
+    "image_height": pa.int32(),
+    "mean_red": pa.float64(),
+    "mean_green": pa.float64(),
+    "mean_blue": pa.float64(),
+    "sharpness": pa.float64(),
+}
 # Bookkeeping directories that earlier versions kept inside the scores dataset (commit.adopt_legacy moves them).
 LEGACY_DIRS = ("_inputs", "_staging", "_checkpoints")
 
@@ -43,6 +53,7 @@ def output_schema(class_names: list[str]) -> pa.Schema:
             ("model_version", pa.string()),
             ("scored_at", pa.timestamp("us", tz="UTC")),
             ("error", pa.string()),
+            *IMAGE_STATS.items(),
         ]
     )
 

@@ -3,7 +3,7 @@
   list inputs ─► <work>/run_date=D/inputs.parquet (minus images already in the partition)
       │  read_parquet (a Read, so Ray Data's checkpoint filter skips rows already written)
       ▼
-  prepare: fetch a batch's bytes (concurrent reads), sha256, decode, resize (each bad input becomes an `error`,
+  prepare: fetch a batch's bytes (concurrent reads), sha256, decode, resize, drift statistics (each bad input becomes an `error`,
            never a crash; Ray fuses this step into the Scorer actors, so pixels never cross processes)
       ▼
   Scorer: model loaded once per actor (TF-Lite on CPU, engine.py), temperature, alert threshold (actor pool)
@@ -11,7 +11,8 @@
   write_parquet ─► <work>/run_date=D/staging/   (checkpointed per block in <work>/run_date=D/checkpoints/)
       │  after the whole dataset is written (commit.py):
       ▼
-  <scores>/run_date=D/*.parquet, then <scores>/run_date=D/_summary.json; the night's <work> is dropped.
+  <scores>/run_date=D/*.parquet, then <scores>/run_date=D/_summary.json (with the night's drift against the model's
+  validation set, drift.py); the night's <work> is dropped.
 
 <work> (layout.py) lies outside the scores dataset: `<scores>/**/*.parquet` matches the rows and nothing else.
 
@@ -33,11 +34,12 @@ from datetime import date, datetime, timezone
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data.exceptions import ExecutionTimeoutError
 
-from melanoma import archive, commit, engine, images, layout, metrics, ray_adapter, runtime, storage
+from melanoma import archive, commit, drift, engine, images, layout, metrics, ray_adapter, runtime, storage
 from melanoma.config import IMAGE_SUFFIXES, MELANOMA, Settings
 from melanoma.errors import MelanomaError
 
@@ -54,19 +56,23 @@ class StalledError(MelanomaError):
 
 
 def prepare(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side: int, fetch_threads: int) -> dict:
-    """Ray Data map step: input rows -> sha256, model-sized pixels and a per-row error (None when fine).
+    """Ray Data map step: input rows -> sha256, model-sized pixels, their drift statistics and a per-row error (None
+    when fine; the statistics of a row with an error mean nothing).
     A StorageUnavailable from the fetch (the service is down, not the image) fails the run: a rerun resumes."""
     n = len(batch)
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     digests: list[str | None] = [None] * n
     errors: list[str | None] = [None] * n
+    widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
     for i, data in enumerate(archive.fetch_all(batch, fetch_threads)):
         if isinstance(data, storage.StorageError):
             errors[i] = f"cannot read: {data}"
             continue
         digests[i] = hashlib.sha256(data).hexdigest()
         try:
-            pixels[i] = images.resize(images.decode(data, max_pixels, max_side), image_size)
+            decoded = images.decode(data, max_pixels, max_side)
+            pixels[i] = images.resize(decoded, image_size)
+            heights[i], widths[i] = decoded.shape[:2]
         except images.ImageError as exc:
             errors[i] = str(exc)
     return {
@@ -75,6 +81,7 @@ def prepare(batch: pd.DataFrame, image_size: int, max_pixels: int, max_side: int
         "sha256": np.array(digests, dtype=object),
         "image": pixels,
         "error": np.array(errors, dtype=object),
+        **drift.image_stats(pixels, widths, heights),
     }
 
 
@@ -84,10 +91,6 @@ class Scorer:
     driver as itself (from a constructor, only as text)."""
 
     def __init__(self, model_uri: str, engine_name: str, threads: int, gpu: bool, progress: runtime.Feed):
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
         self.model_uri, self.engine_name, self.threads, self.gpu = model_uri, engine_name, threads, gpu
         self.progress = progress  # the driver's bar: Ray Data has no driver-side callback per batch
 
@@ -120,12 +123,18 @@ class Scorer:
             [card["version"]] * n,
             [datetime.now(timezone.utc)] * n,
             errors,
+            *_stat_columns(batch, ok),
         ]
         self.progress.add(n)
         return pa.Table.from_arrays(
             [pa.array(c, type=f.type) if not isinstance(c, pa.Array) else c for c, f in zip(columns, schema)],
             schema=schema,
         )
+
+
+def _stat_columns(batch: dict, ok: np.ndarray) -> list[pa.Array]:
+    """The drift statistics prepare measured, null where the image could not be scored."""
+    return [pa.array(np.asarray(batch[name], dtype=kind.to_pandas_dtype()), mask=~ok) for name, kind in layout.IMAGE_STATS.items()]
 
 
 def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date: str | None = None) -> dict:
@@ -140,6 +149,9 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
     storage.check_writable(output_uri)
     # refuse a bad model before any work
     version_dir, card, engine_name = engine.check(model_uri, s.engine, s.gpus_per_actor > 0)
+    reference = drift.read_reference(version_dir, card)
+    if reference is None:
+        log.warning("%s was published without a drift reference: the night is not compared with its validation set", version_dir)
     inputs, skipped = archive.list_inputs(input_uri)
     if inputs.empty:
         raise storage.StorageError(f"{input_uri}: no images ({', '.join(IMAGE_SUFFIXES)}) or tar shards found")
@@ -155,7 +167,16 @@ def score(s: Settings, model_uri: str, input_uri: str, output_uri: str, run_date
         "run_date": run_date, "model_version": card["version"], "inputs_listed": len(inputs),
         "other_files_skipped": skipped, "input_uri": input_uri, "model_uri": version_dir, "engine": engine_name,
     }  # fmt: skip
-    return commit.finish(night, facts, started)
+    return commit.finish(night, facts, started, functools.partial(_night_drift, reference=reference, card=card, s=s))
+
+
+def _night_drift(partition: str, reference: dict | None, card: dict, s: Settings) -> dict:
+    """The drift of every scored row of the complete night (rows of an earlier run included)."""
+    fs, path = storage.pyarrow_fs(partition)
+    schema = layout.output_schema(card["class_names"])  # rows written before the statistics existed read as null
+    columns = [*drift.STAT_COLUMNS, "melanoma_risk", "flagged", "predicted_class"]
+    rows = pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns).to_pandas()
+    return {"drift": drift.night_drift(rows, reference, card["version"], s.drift_psi, s.drift_p_value)}
 
 
 def nightly(s: Settings, run_date: str) -> dict:

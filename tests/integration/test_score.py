@@ -115,7 +115,7 @@ def test_schema_and_partitioning(s3_scores, trained_model):
     columns = layout.output_schema(card["class_names"]).names
     assert columns[:6] == ["image_id", "image_uri", "sha256", "melanoma_risk", "flagged", "predicted_class"]
     assert "p_basal_cell_carcinoma" in columns and "p_melanoma" in columns
-    assert columns[-3:] == ["model_version", "scored_at", "error"]
+    assert columns[-9:] == ["model_version", "scored_at", "error", *layout.IMAGE_STATS]
     summary = layout.read_summary(s3_scores, RUN_DATE)
     assert summary["rows"] == summary["unique_images"] == 28
     assert summary["errors"] == 4 and summary["scored"] == 24
