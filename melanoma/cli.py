@@ -336,10 +336,15 @@ def query(sub) -> None:
     c.add_argument("--outcomes", metavar="STORE",
                    help="outcome store: the missed melanomas and realised sensitivity, specificity, AUC per night and model "
                         "version (--date/--since/--until narrow the nights); with --sql also the views `outcomes` and `confirmed`")  # fmt: skip
+    c.add_argument("--runs", action="store_true",
+                   help="one row per finished night from its run summary: counts, flagged share, drift alert and reasons, "
+                        "PSI of each drift figure (--date/--since/--until narrow the nights)")  # fmt: skip
     c.add_argument("--format", default="table", choices=["table", "csv", "json"], help="how to print the rows")
 
 
 def _query_check(args) -> str | None:
+    if args.runs and (args.sql or args.outcomes or any(getattr(args, f) not in (None, False) for f in QUERY_FILTERS[3:])):
+        return "--runs takes only --date, --since and --until"
     if args.sql and any(getattr(args, f) not in (None, False) for f in QUERY_FILTERS):
         return "--sql takes no filter flags: put the conditions into the SQL"
     if args.outcomes and not args.sql:
@@ -353,7 +358,9 @@ def _query_check(args) -> str | None:
 def _query(args) -> None:
     from melanoma import query
 
-    if args.sql:
+    if args.runs:
+        table = query.runs(args.scores, *((args.date, args.date) if args.date else (args.since, args.until)))
+    elif args.sql:
         table = query.sql(args.scores, args.sql, args.outcomes)
     elif args.outcomes:
         since, until = (args.date, args.date) if args.date else (args.since, args.until)

@@ -54,3 +54,16 @@ def test_runs_in_a_range_and_as_text(scores):
     assert "brightness fell: mean 0.3 vs 0.5; sharpness fell" in text and text.endswith("(4 rows)")
     with pytest.raises(query.QueryError, match="no night between 2027-01-01 and the last"):
         query.runs(scores, since="2027-01-01")
+
+
+def test_the_cli_lists_runs(scores, capsys):
+    from melanoma import cli
+
+    assert cli.main(["query", scores, "--runs", "--date", "2026-11-27", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('"run_date","model_version","images"') and len(lines) == 2
+    assert '"brightness fell: mean 0.3 vs 0.5; sharpness fell"' in lines[1]
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["query", scores, "--runs", "--flagged"])
+    assert usage.value.code == 2
+    assert "--runs takes only --date, --since and --until" in capsys.readouterr().err
