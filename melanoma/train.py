@@ -247,7 +247,11 @@ def train_loop(config: dict) -> None:
             break
 
 
-def _predict(model, rows: pd.DataFrame, s: Settings) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _predict(model, rows: pd.DataFrame, s: Settings) -> np.ndarray:
+    return _predict_measured(model, rows, s)[0]
+
+
+def _predict_measured(model, rows: pd.DataFrame, s: Settings) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Class probabilities of the rows, and the drift statistics of the same decoded images."""
     probs, stats = [], []
     for start in range(0, len(rows), s.decode_batch_size):
@@ -261,7 +265,7 @@ def _predict(model, rows: pd.DataFrame, s: Settings) -> tuple[np.ndarray, dict[s
 def evaluate(model, val: pd.DataFrame, s: Settings) -> tuple[dict, dict]:
     """Metrics before and after calibration on the validation split, with the alert threshold; and the drift
     reference of the same images and calibrated probabilities (melanoma/drift.py)."""
-    probs, stats = _predict(model, val, s)
+    probs, stats = _predict_measured(model, val, s)
     labels = val["label_index"].to_numpy()
     mel = CLASS_NAMES.index(MELANOMA)
     calibration = metrics.calibrate(probs, labels, mel, s.target_sensitivity, s.seed)
