@@ -250,7 +250,7 @@ def _fetch_into(work_uri: str, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
             copies = [_copy_target(work_uri, uri, sha, data) for uri, sha, data in zip(chunk["uri"], chunk["sha256"], fetched)]
             list(pool.map(lambda pair: storage.write_bytes(*pair), [(t, d) for t, d in zip(copies, fetched) if t]))
             targets += copies
-    ok = [t is not None for t in targets]
+    ok = np.array([t is not None for t in targets], dtype=bool)
     kept = rows[ok].assign(uri=[t for t in targets if t]).reset_index(drop=True)
     return kept, int(len(rows) - len(kept))
 

@@ -105,3 +105,5 @@ def test_confirmed_images_join_the_work_dir_split_by_night_and_patient(tmp_path)
     outcomes.add(str(csv), store)
     later = sources.add_outcomes(str(work), store, scores, 0.0, 0.0, SEED)
     assert later["nights"] == report["nights"] and later["per_split"] == {"val": {sources.OUTCOMES: 1}}
+    nothing = sources.add_outcomes(str(work), str(tmp_path / "no-store"), scores, VAL, TEST, SEED)
+    assert nothing["rows"] == 0 and nothing["per_split"] == {}
