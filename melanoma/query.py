@@ -86,7 +86,7 @@ REALISED = """SELECT run_date, model_version, count(*) AS confirmed,
   count(*) FILTER (WHERE confirmed_melanoma AND flagged) / nullif(count(*) FILTER (WHERE confirmed_melanoma), 0) AS sensitivity,
   count(*) FILTER (WHERE NOT confirmed_melanoma AND NOT flagged) / nullif(count(*) FILTER (WHERE NOT confirmed_melanoma), 0)
     AS specificity,
-  list(melanoma_risk ORDER BY image_uri) AS risks, list(confirmed_melanoma ORDER BY image_uri) AS positives
+  list(struct_pack(risk := melanoma_risk, positive := confirmed_melanoma)) AS pairs
 FROM confirmed GROUP BY GROUPING SETS ((run_date, model_version), (model_version))
 ORDER BY run_date NULLS LAST, model_version"""
 
@@ -241,10 +241,10 @@ def realised(scores_uri: str, outcomes_uri: str, since: str | None = None, until
     finally:
         con.close()
     aucs = [
-        metrics.roc_auc(np.array(r, dtype=float), np.array(p, dtype=bool))
-        for r, p in zip(figures.column("risks").to_pylist(), figures.column("positives").to_pylist())
+        metrics.roc_auc(np.array([p["risk"] for p in pairs], dtype=float), np.array([p["positive"] for p in pairs], dtype=bool))
+        for pairs in figures.column("pairs").to_pylist()
     ]
-    figures = figures.drop_columns(["risks", "positives"]).append_column("auc", pa.array(aucs, pa.float64()))
+    figures = figures.drop_columns(["pairs"]).append_column("auc", pa.array(aucs, pa.float64()))
     return missed, figures
 
 
