@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from melanoma import layout, outcomes, query, report
+from melanoma import cli, layout, outcomes, query, report
 from melanoma.config import CLASS_NAMES, MELANOMA, snake_case
 
 NIGHTS = ("2026-11-26", "2026-11-27")
@@ -116,3 +116,27 @@ def test_the_morning_report_shows_the_confirmed_diagnoses_up_to_its_night(scores
     assert 'id="outcomes"' not in out.read_text()
     report.morning_report(scores, NIGHTS[0], str(out), outcomes_uri=str(tmp_path / "empty"))
     assert "No confirmed diagnosis matches these scores yet." in out.read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["query", "S", "--outcomes", "O", "--format", "csv"],
+    ["query", "S", "--outcomes", "O", "--flagged"],
+    ["report", "--model", "M", "--outcomes", "O", "--out", "x.html"],
+    ["outcomes", "add", "x.csv"],
+])  # fmt: skip
+def test_outcome_flags_that_do_not_go_together_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    assert caught.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_the_cli_prints_missed_then_realised_and_refuses_bad_csvs(scores, store, tmp_path, capsys):
+    assert cli.main(["query", scores, "--outcomes", store, "--date", NIGHTS[1]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "missed melanomas (confirmed melanoma, not flagged): 1"
+    assert lines.index("realised per night and model version (no run_date: all those nights)") == 6
+    csv = tmp_path / "bad.csv"
+    csv.write_text("image_id,melanoma,confirmed_on\na,yes,2026-11-30\nb,perhaps,2026-11-30\n")
+    assert cli.main(["outcomes", "add", str(csv), "--store", str(tmp_path / "new")]) == 1
+    assert capsys.readouterr().err.splitlines()[1] == f"{csv} line 3: melanoma must be yes, no, 1 or 0, got 'perhaps'"
+    assert not (tmp_path / "new").exists()
