@@ -11,8 +11,8 @@ lesions) and isic2017.
     python benchmarks/quality.py prepare --root /work/q2 --data ../shared/data
     # train recipes through train.train (Ray Train, the path of `melanoma train`), then measure them
     python benchmarks/quality.py run --root /work/q2 --recipes lite0
-    # measure a model published elsewhere (e.g. by `melanoma pipeline`) under a name
-    python benchmarks/quality.py measure --root /work/q2 --model /work/q2/models --name lite0
+    # measure a model published elsewhere (e.g. by `melanoma pipeline`) under a name, through an engine
+    python benchmarks/quality.py measure --root /work/q2 --model /work/q2/models --name lite0 [--engine tflite-int8]
     # the markdown tables of every result
     python benchmarks/quality.py table --root /work/q2
 
@@ -54,30 +54,47 @@ def test_sets(work: str) -> dict:
     return {source: rows.reset_index(drop=True) for source, rows in test.groupby("source")}
 
 
-def predict(model, uris, size: int, batch: int = 64) -> np.ndarray:
+def load_pixels(uris, size: int) -> np.ndarray:
     from melanoma import images, storage
     from melanoma.config import settings
 
     s = settings()
-    out = []
-    for start in range(0, len(uris), batch):
-        pixels = [images.resize(images.decode(storage.read_bytes(u), s.max_image_pixels, s.max_decoded_side), size)
-                  for u in uris[start : start + batch]]
-        out.append(model.predict_on_batch(np.stack(pixels).astype(np.float32)))
-    return np.concatenate(out)
+    return np.stack([images.resize(images.decode(storage.read_bytes(u), s.max_image_pixels, s.max_decoded_side), size)
+                     for u in uris])  # fmt: skip
 
 
-def measure(model_uri: str, work: str) -> dict:
+def predictor(loaded, engine_name: str, work: str, calibration_images: int = 256):
+    """The published model through one engine: Keras, its TF-Lite float32 export, or an int8 export whose
+    ranges are set on calibration_images validation images (what publishing would use)."""
+    from melanoma import dataset, engine
+
+    size = loaded.card["input_size"][0]
+    if engine_name == "keras":
+        return engine.KerasEngine(loaded.model)
+    calibration = None
+    if engine_name == "tflite-int8":
+        val = dataset.read_manifest(work).query("split == 'val'")
+        calibration = load_pixels(list(val.sample(calibration_images, random_state=0)["uri"]), size)
+    return engine.TFLiteEngine(engine.export_tflite(loaded.model, size, calibration), threads=2)
+
+
+def predict(model, uris, size: int, batch: int = 64) -> np.ndarray:
+    return np.concatenate([model.predict(load_pixels(uris[i : i + batch], size).astype(np.float32))
+                           for i in range(0, len(uris), batch)])  # fmt: skip
+
+
+def measure(model_uri: str, work: str, engine_name: str = "keras", calibration_images: int = 256) -> dict:
     from melanoma import metrics, registry
     from melanoma.config import CLASS_NAMES, MELANOMA
 
     loaded = registry.load(model_uri)
     card = loaded.card
-    out = {"version": card["version"], "recipe": card.get("recipe"), "training_seconds": card.get("training_seconds"),
-           "epochs_run": card.get("epochs_run"), "train_images": card.get("train_images"),
-           "val_held_out": card["calibration"]["held_out"], "test": {}}
+    model = predictor(loaded, engine_name, work, calibration_images)
+    out = {"version": card["version"], "engine": engine_name, "calibration_images": calibration_images, "recipe": card.get("recipe"),
+           "training_seconds": card.get("training_seconds"), "epochs_run": card.get("epochs_run"),
+           "train_images": card.get("train_images"), "val_held_out": card["calibration"]["held_out"], "test": {}}
     for source, rows in test_sets(work).items():
-        probs = predict(loaded.model, list(rows["uri"]), card["input_size"][0])
+        probs = predict(model, list(rows["uri"]), card["input_size"][0])
         out["test"][source] = metrics.shipped_report(
             probs, rows["label_index"].to_numpy(), card["temperature"], card["alert_threshold"],
             CLASS_NAMES.index(MELANOMA), list(CLASS_NAMES),
@@ -146,6 +163,8 @@ def main() -> None:
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--model", required=True, help="a model dir (its latest) or a version dir")
     p.add_argument("--name", required=True)
+    p.add_argument("--engine", default="keras", choices=("keras", "tflite", "tflite-int8"))
+    p.add_argument("--calibration-images", type=int, default=256, help="validation images that set the int8 ranges")
     p = sub.add_parser("table")
     p.add_argument("--root", type=Path, required=True)
     args = parser.parse_args()
@@ -155,7 +174,7 @@ def main() -> None:
     elif args.command == "run":
         run(args.root, args.recipes.split(","), args.workers)
     elif args.command == "measure":
-        _save(args.root, args.name, measure(args.model, str(args.root / "work")))
+        _save(args.root, args.name, measure(args.model, str(args.root / "work"), args.engine, args.calibration_images))
     else:
         print(table(args.root))
 

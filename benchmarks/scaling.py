@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # ser
 
 import numpy as np  # noqa: E402
 from make_archive import DEFAULT_IMAGES, build, load, print_stats, source_files  # noqa: E402
-from score_throughput import publish_untrained, upload  # noqa: E402
+from score_throughput import model_flops, publish_untrained, upload  # noqa: E402
 
 RUN_DATE = "2026-11-25"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -536,27 +536,24 @@ def mode_components(args) -> None:
         print(f"{size:10s} {np.mean([len(b) for b in blobs]) / 1024:8.0f} {n / cpu:16.1f} {n / wall:16.1f} {n / max(hcpu, 1e-9):14.0f}"
               f"   [{before} -> {load(short=True)}]")
 
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    from melanoma import model
+    from melanoma import engine, model
     from melanoma.config import CLASS_NAMES
 
     for size in [int(v) for v in (args.model_sizes or str(s.image_size)).split(",")]:
         net = model.build("default", len(CLASS_NAMES), size)
+        predictor = engine.TFLiteEngine(engine.export_tflite(net, size), threads=1)  # what CPU actors run
         print(f"default model at {size}x{size}: {model_flops(net) / 1e9:.3f} GFLOPs per image (multiply-add = 2; conv and dense layers)")
         batch = np.random.default_rng(0).integers(0, 256, (args.batch_size, size, size, 3)).astype(np.float32)
         for _ in range(2):
-            net.predict_on_batch(batch)  # trace and warm up
+            predictor.predict(batch)  # warm up
         before = load(short=True)
         cpu, wall = time.process_time(), time.time()
         for _ in range(args.batches):
-            net.predict_on_batch(batch)
+            predictor.predict(batch)
         cpu, wall = time.process_time() - cpu, time.time() - wall
         n = args.batches * args.batch_size
         print(f"inference, default model ({model.DEFAULT_ARCH}, {net.count_params():,} parameters), {size}x{size}, "
-              f"batch {args.batch_size}, 1 TF thread: {n / cpu:.1f} img/CPU-s ({n / wall:.1f} img/wall-s)   [{before} -> {load(short=True)}]")
+              f"batch {args.batch_size}, TF-Lite on 1 thread: {n / cpu:.1f} img/CPU-s ({n / wall:.1f} img/wall-s)   [{before} -> {load(short=True)}]")
 
 
 def _measured(fn):
@@ -597,25 +594,6 @@ def _synthetic_partition(root: str, n: int, rows_per_file: int) -> None:
             **{name: [None] * m for name in layout.IMAGE_STATS},
         }
         pq.write_table(pa.table(columns, schema=schema), os.path.join(target, f"part-{k:05d}.parquet"))
-
-
-def model_flops(net) -> float:
-    """Floating-point operations of one forward pass: Conv2D, SeparableConv2D and Dense layers (the rest is small)."""
-    total = 0.0
-    for layer in net.layers:
-        kind = type(layer).__name__
-        if kind in ("Conv2D", "SeparableConv2D", "Dense"):
-            out = layer.output.shape
-            positions = float(np.prod([d for d in out[1:-1]])) if len(out) > 2 else 1.0
-            if kind == "Conv2D":
-                k = layer.kernel.shape  # (kh, kw, cin, cout)
-                total += 2 * positions * np.prod(k)
-            elif kind == "SeparableConv2D":
-                d, p = layer.depthwise_kernel.shape, layer.pointwise_kernel.shape
-                total += 2 * positions * (np.prod(d) + np.prod(p))
-            else:
-                total += 2 * np.prod(layer.kernel.shape)
-    return total
 
 
 def mode_listing(args) -> None:

@@ -1,28 +1,30 @@
-"""Scoring throughput and memory on the real HAM10000 archive (10,015 JPEGs, 200x150).
+"""Scoring speed and memory of the default model on the real HAM10000 archive (10,015 JPEGs, 200x150).
 
-    python benchmarks/score_throughput.py [--images ../shared/data/ham10000/images] [--actors 2] [--repeat 4]
+    python benchmarks/score_throughput.py [--limit N] [--repeat 4] [--actors 2] [--arch default]
 
-(a) a plain single-process loop over the local files: read, decode, resize, `predict_on_batch`;
-(b) `melanoma score` from a local SeaweedFS S3 server on a local Ray, the whole job (listing, start-up,
-    writing) timed end to end.
-Prints images/s of each and the ratio b/a (target >= 0.9), then the peak memory (PSS, summed over the
-driver and every Ray process it started, not the S3 server) of the scoring job on the archive once (10k)
-and `--repeat` times under other keys (40k); streaming means the two should be within 1.1x. Also printed:
-(c) the same pipeline reading the same files from local disk, and the S3 server's share of the machine's
-CPU during (b): both say how much of the gap between (a) and (b) is the storage server sharing the cores;
-(b') the same images uploaded as tar shards of 1,000, which cost the server one ranged read per batch;
-(d) the CPU that reading the images from S3 costs (client and server), and the best b it leaves on these cores;
-(e) the wall time of a one-batch run: the start-up every run pays.
+1. Engines: images/s of the model alone (pixels already decoded, batches of 64) through Keras
+   `predict_on_batch`, its TF-Lite float32 export and an int8 export, each on 1 thread and on every core,
+   each in a fresh process; beside them the arithmetic limit: the model's FLOPs per image over the cores'
+   measured float32 matrix-multiply peak.
+2. The plain loop: one fresh process that imports the engine, loads the model from the registry, reads,
+   decodes and scores the local files, timed from launch to exit (it pays its own start-up, as a job does).
+3. `melanoma score` on a local Ray (the engine the CLI picks: the TF-Lite export on CPU), whole job timed:
+   from local disk, from tar shards of 1,000 on a local SeaweedFS, and as loose files on it; each against the
+   plain loop. The S3 server shares these 2 cores: its share of the busy CPU is printed.
+4. Start-up: the wall time of a run of one batch. Memory: peak PSS of the job (driver and every Ray process, not
+   the S3 server) on the archive once and on --repeat copies under other keys; streaming keeps them alike.
 
-The model is the default architecture (or --arch), untrained: throughput does not depend on the weights.
+The model is the default architecture with its ImageNet backbone and an untrained head: speed does not depend
+on the head's weights. The int8 export's quality is measured by benchmarks/quality.py (`--engine tflite-int8`).
+The last line is one JSON line of every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,9 +35,12 @@ from pathlib import Path
 import numpy as np
 from make_archive import build
 
+BATCH = 64
+
 
 def publish_untrained(model_dir: str, arch: str = "default") -> None:
-    from melanoma import model, registry
+    """The model as `melanoma train` publishes it (Keras file and TF-Lite export), with an untrained head."""
+    from melanoma import engine, model, registry
     from melanoma.config import CLASS_NAMES, settings
 
     s = settings()
@@ -45,59 +50,128 @@ def publish_untrained(model_dir: str, arch: str = "default") -> None:
         net.save(path)
         card = {"version": "bench-untrained", "arch": arch, "class_names": list(CLASS_NAMES),
                 "positive_class": "melanoma", "input_size": [s.image_size, s.image_size, 3],
-                "temperature": 1.0, "alert_threshold": 0.5}
-        registry.publish(model_dir, path, card)
+                "temperature": 1.0, "alert_threshold": 0.5}  # fmt: skip
+        registry.publish(model_dir, path, card, {engine.TFLITE_FILE: engine.export_tflite(net, s.image_size)})
 
 
-def upload(files: list[Path], prefix: str) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from melanoma import storage
-
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda f: storage.write_bytes(f"{prefix}/{f.name}", f.read_bytes()), files))
-
-
-def own_cpu_seconds() -> float:
-    """CPU-seconds of this process, every thread."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def plain_loop(files: list[Path], model_dir: str, batch: int) -> tuple[float, float]:
-    """(images/s, CPU-seconds per image)."""
-    from melanoma import images, registry
+def decoded(files: list[Path], size: int) -> np.ndarray:
+    from melanoma import images
     from melanoma.config import settings
 
-    s = settings()  # TensorFlow's default threading: every core of the machine
-    net = registry.load(model_dir).model
-    started, cpu = time.time(), own_cpu_seconds()
-    for i in range(0, len(files), batch):
-        pixels = [images.resize(images.decode(f.read_bytes(), s.max_image_pixels, s.max_decoded_side), s.image_size) for f in files[i : i + batch]]
-        net.predict_on_batch(np.stack(pixels).astype(np.float32))
-    return len(files) / (time.time() - started), (own_cpu_seconds() - cpu) / len(files)
+    s = settings()
+    return np.stack([images.resize(images.decode(f.read_bytes(), s.max_image_pixels, s.max_decoded_side), size) for f in files])
 
 
-def fetch_cpu_seconds(prefix: str, batch: int, server_pid: int) -> tuple[float, float]:
-    """(client, S3 server) CPU-seconds per image of reading every image under prefix the way `prepare` does:
-    work the plain loop does not have, done on the same cores here."""
-    from melanoma import archive
+# ---------------------------------------------------------------- run in fresh processes
+
+
+def child_engine(model_dir: str, name: str, threads: int, images: str, n: int) -> dict:
+    """images/s of one engine on n decoded images (after one warm-up batch)."""
+    from melanoma import engine
+
+    if name == "tflite-int8":
+        predictor = engine.TFLiteEngine(Path(model_dir, "int8.tflite").read_bytes(), threads)
+    else:
+        predictor = engine.load(model_dir, name, threads)[0]
+    pixels = np.load(images)[:n].astype(np.float32)
+    predictor.predict(pixels[:BATCH])
+    started = time.perf_counter()
+    for i in range(0, len(pixels), BATCH):
+        predictor.predict(pixels[i : i + BATCH])
+    return {"img_s": len(pixels) / (time.perf_counter() - started)}
+
+
+def child_plain(model_dir: str, listing: str) -> dict:
+    """The plain loop: read, decode, resize and score every listed file with the engine scoring uses."""
+    from melanoma import engine, images
     from melanoma.config import settings
 
-    rows, _ = archive.list_inputs(prefix)
-    threads = settings().fetch_threads
-    client, server = own_cpu_seconds(), cpu_seconds(server_pid)
-    for i in range(0, len(rows), batch):
-        archive.fetch_all(rows.iloc[i : i + batch], threads)
-    return (own_cpu_seconds() - client) / len(rows), (cpu_seconds(server_pid) - server) / len(rows)
+    s = settings()
+    predictor, card, _ = engine.load(model_dir, "auto", os.cpu_count())
+    size = card["input_size"][0]
+    files = Path(listing).read_text().split("\n")
+    started = time.perf_counter()
+    for i in range(0, len(files), BATCH):
+        pixels = [images.resize(images.decode(Path(f).read_bytes(), s.max_image_pixels, s.max_decoded_side), size) for f in files[i : i + BATCH]]
+        predictor.predict(np.stack(pixels))
+    return {"steady_img_s": len(files) / (time.perf_counter() - started), "engine": predictor.name}
 
 
-def cold_start_seconds(model_dir: str) -> float:
-    """What the plain loop's timing leaves out: a fresh process importing TensorFlow and loading the model."""
-    code = f"from melanoma import registry; registry.load({model_dir!r})"
-    started = time.time()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    return time.time() - started
+def child_peak_gflops(threads: int) -> dict:
+    """float32 matrix-multiply GFLOP/s on `threads` cores (OpenBLAS threads set before numpy loads)."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    a @ a
+    started, reps = time.perf_counter(), 6
+    for _ in range(reps):
+        a @ a
+    return {"gflops": reps * 2 * 2048**3 / (time.perf_counter() - started) / 1e9}
+
+
+def in_fresh_process(*args: str, threads: int | None = None) -> tuple[dict, float]:
+    """(the child's JSON result, wall seconds from launch to exit)."""
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def model_flops(net) -> float:
+    """Multiply-adds x 2 of one image through the convolutions and dense layers (the rest is small)."""
+    import keras
+
+    total = 0
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            h, w, c = layer.output.shape[1:]
+            total += h * w * c * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            h, w, out = layer.output.shape[1:]
+            c = layer.input.shape[-1]
+            total += h * w * c * (layer.kernel_size[0] * layer.kernel_size[1] + out)
+        elif isinstance(layer, keras.layers.Conv2D):
+            h, w, out = layer.output.shape[1:]
+            total += h * w * out * layer.input.shape[-1] * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.input.shape[-1] * layer.units
+    return 2.0 * total
+
+
+def engines(model_dir: str, files: list[Path], work: Path) -> dict:
+    from melanoma import engine, registry
+    from melanoma.config import settings
+
+    size = settings().image_size
+    sample = files[: min(len(files), 1024)]
+    pixels = decoded(sample, size)
+    np.save(work / "pixels.npy", pixels)
+    calibration = pixels[np.random.default_rng(0).permutation(len(pixels))[:256]]
+    (Path(model_dir) / "int8.tflite").write_bytes(engine.export_tflite(registry.load(model_dir).model, size, calibration))
+    out: dict = {}
+    cores = os.cpu_count()
+    for name in ("keras", "tflite", "tflite-int8"):
+        for threads in sorted({1, cores}):
+            result, _ = in_fresh_process("engine", model_dir, name, str(threads), str(work / "pixels.npy"), str(len(pixels)))
+            out[f"engine_{name}_{threads}thread_img_s"] = round(result["img_s"], 1)
+    flops = model_flops(registry.load(model_dir).model)
+    out["model_gflops_per_image"] = round(flops / 1e9, 3)
+    for threads in sorted({1, cores}):
+        peak = in_fresh_process("peak", str(threads), threads=threads)[0]["gflops"]
+        out[f"peak_gflops_{threads}thread"] = round(peak, 1)
+        out[f"arithmetic_limit_{threads}thread_img_s"] = round(peak * 1e9 / flops, 1)
+    return out
+
+
+def plain_loop(model_dir: str, files: list[Path], work: Path) -> dict:
+    listing = work / "files.txt"
+    listing.write_text("\n".join(str(f) for f in files))
+    result, wall = in_fresh_process("plain", model_dir, str(listing))
+    return {"plain_img_s": round(len(files) / wall, 1), "plain_steady_img_s": round(result["steady_img_s"], 1),
+            "plain_startup_s": round(wall - len(files) / result["steady_img_s"], 1), "plain_engine": result["engine"]}  # fmt: skip
 
 
 def process_tree_pss(root: int, exclude: int | None = None) -> int:
@@ -161,93 +235,102 @@ class PeakMemory:
         self._thread.join()
 
 
+def upload(files: list[Path], prefix: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from melanoma import storage
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda f: storage.write_bytes(f"{prefix}/{f.name}", f.read_bytes()), files))
+
+
+def jobs(model_dir: str, files: list[Path], bucket: str, server, tmp: Path, args) -> dict:
+    """The scoring job from each layout, the start-up of a one-batch run, and peak memory at 1x and --repeat x."""
+    import ray
+
+    from melanoma import score
+    from melanoma.config import settings
+
+    for copy in range(args.repeat):
+        upload(files, f"{bucket}/archive/copy-{copy}")
+    build(f"{bucket}/tar", files, copies=1, layouts=("shards",))
+    local = tmp / "local"
+    local.mkdir()
+    for f in files:
+        (local / f.name).symlink_to(f.resolve())
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    s = settings(actors=args.actors, score_batch_size=BATCH)
+    upload(files[:BATCH], f"{bucket}/one-batch")
+    started = time.perf_counter()
+    score.score(s, model_dir, f"{bucket}/one-batch", f"{bucket}/scores-one-batch", "2026-11-25")
+    out: dict = {"startup_s": round(time.perf_counter() - started, 1)}
+    small, large = (f"{len(files) * k / 1000:g}k" for k in (1, args.repeat))
+    runs = (("local", str(local)), ("tar", f"{bucket}/tar/shards"), ("s3", f"{bucket}/archive/copy-0"),
+            (f"s3_{large}", f"{bucket}/archive"))  # fmt: skip
+    for label, prefix in runs:
+        server_cpu, busy = cpu_seconds(server.pid), machine_busy_seconds()
+        with PeakMemory(exclude=server.pid) as memory:
+            started = time.perf_counter()
+            summary = score.score(s, model_dir, prefix, f"{bucket}/scores-{label}", "2026-11-25")
+            seconds = time.perf_counter() - started
+        out[f"job_{label}_img_s"] = round(summary["rows"] / seconds, 1)
+        out[f"job_{label}_rows"] = summary["rows"]
+        out[f"job_{label}_s3_server_cpu_share"] = round((cpu_seconds(server.pid) - server_cpu) / max(machine_busy_seconds() - busy, 1e-9), 2)
+        out[f"peak_memory_{label}_gib"] = round(memory.peak / 2**30, 2)
+        out["job_engine"] = summary["engine"]
+    ray.shutdown()
+    out[f"peak_memory_{small}_gib"] = out.pop("peak_memory_s3_gib")
+    out[f"peak_memory_{large}_gib"] = out.pop(f"peak_memory_s3_{large}_gib")
+    out[f"memory_ratio_{large}_vs_{small}"] = round(out[f"peak_memory_{large}_gib"] / out[f"peak_memory_{small}_gib"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", default=str(Path(__file__).resolve().parents[2] / "shared/data/ham10000/images"))
     parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=4, help="copies of the archive for the memory run")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0: all)")
-    parser.add_argument("--arch", default="default", help="architecture of the untrained model (melanoma/model.py)")
+    parser.add_argument("--arch", default="default", help="architecture (melanoma/model.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    import ray
-
-    from melanoma import score, storage
-    from melanoma.config import settings
     from melanoma.local import SeaweedServer
 
     files = sorted(Path(args.images).glob("*.jpg"))
     files = files[: args.limit] if args.limit else files
+    figures: dict = {"images": len(files), "arch": args.arch, "cores": os.cpu_count(), "load_before": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp, SeaweedServer(Path(tmp) / "s3") as server:
         os.environ.update(server.env())
+        tmp = Path(tmp)
+        model_dir = str(tmp / "models" / "bench-untrained")
+        publish_untrained(str(tmp / "models"), args.arch)
+        figures |= engines(model_dir, files, tmp)
+        figures |= plain_loop(model_dir, files, tmp)
         bucket = server.make_bucket("bench")
-        model_dir = f"{bucket}/models"
-        publish_untrained(model_dir, args.arch)
-        # (a) runs before the uploads (the S3 server keeps working for a while after 50k PUTs) and again after
-        # the scoring runs; the faster of the two is the reference, so machine noise cannot flatter the ratios
-        first, plain_cpu = plain_loop(files, model_dir, args.batch_size)
-        for copy in range(args.repeat):
-            upload(files, f"{bucket}/archive/copy-{copy}")
-        build(f"{bucket}/tar", files, copies=1, layouts=("shards",))
-        print(f"{len(files)} images uploaded {args.repeat} times under other keys, and once as tar shards of 1,000")
-        cold = cold_start_seconds(model_dir)
-
-        client, served = fetch_cpu_seconds(f"{bucket}/archive/copy-0", args.batch_size, server.pid)
-        cores = os.cpu_count()
-        best = cores / (plain_cpu + client + served)  # images/s if every core did only the plain loop's work and the reads
-
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        s = settings(actors=args.actors, score_batch_size=args.batch_size)
-        upload(files[: args.batch_size], f"{bucket}/one-batch")
-        started = time.time()
-        score.score(s, model_dir, f"{bucket}/one-batch", f"{bucket}/scores-one-batch", "2026-11-25")
-        startup = time.time() - started
-        results = {}
-        local = Path(tmp) / "local"  # the same images as (a), read by the pipeline from local disk
-        local.mkdir()
-        for f in files:
-            (local / f.name).symlink_to(f.resolve())
-        runs = (("10k", f"{bucket}/archive/copy-0"), (f"{len(files) * args.repeat // 1000}k", f"{bucket}/archive"),
-                ("local", str(local)), ("shards", f"{bucket}/tar/shards"))
-        for label, prefix in runs:
-            server_cpu, busy = cpu_seconds(server.pid), machine_busy_seconds()
-            with PeakMemory(exclude=server.pid) as memory:
-                started = time.time()
-                summary = score.score(s, model_dir, prefix, f"{bucket}/scores-{label}", "2026-11-25")
-                seconds = time.time() - started
-            share = (cpu_seconds(server.pid) - server_cpu) / max(machine_busy_seconds() - busy, 1e-9)
-            results[label] = (summary["rows"], summary["rows"] / seconds, memory.peak, share)
-        ray.shutdown()
-        last, _ = plain_loop(files, model_dir, args.batch_size)
-    plain = max(first, last)
-    print(f"(a) plain loop, local files, 1 process : {plain:7.1f} img/s (TensorFlow imported, model loaded; the faster "
-          f"of {first:.1f} before and {last:.1f} after the scoring runs; {plain_cpu * 1000:.2f} ms of CPU per image)")
-    plain_cold = len(files) / (len(files) / plain + cold)
-    print(f"(a') the same counting its own start-up  : {plain_cold:7.1f} img/s (a fresh process imports TensorFlow "
-          f"and loads the model in {cold:.1f} s; the scoring job's times include that)")
-    print(f"(d) reading the images from S3 costs {(client + served) * 1000:.2f} ms of CPU per image (client "
-          f"{client * 1000:.2f}, S3 server {served * 1000:.2f}) on the same {cores} cores: with nothing else "
-          f"added and every core busy, b could reach at most {best:.1f} img/s, b/a {best / plain:.2f}")
-    print(f"(e) a run of one batch ({args.batch_size} images) takes {startup:.1f} s: the start-up every run pays "
-          f"(planning, {args.actors} actors importing TensorFlow and loading the model, commit)")
-    rows, rate, _, share = results["10k"]
-    print(f"(b) melanoma score from S3, {args.actors} actors  : {rate:7.1f} img/s ({rows} rows, whole job; "
-          f"the S3 server used {share:.0%} of the machine's busy CPU)")
-    print(f"ratio b/a: {rate / plain:.2f} (target >= 0.9); b/a': {rate / plain_cold:.2f}")
-    rows, rate, _, share = results.pop("shards")
-    print(f"(b') the same images as tar shards on S3: {rate:7.1f} img/s ({rows} rows, whole job; S3 server "
-          f"{share:.0%} of the busy CPU); ratio b'/a: {rate / plain:.2f}, b'/a': {rate / plain_cold:.2f}")
-    rows, rate, _, _ = results.pop("local")
-    print(f"(c) melanoma score from local disk     : {rate:7.1f} img/s ({rows} rows, whole job); ratio c/a: {rate / plain:.2f}, "
-          f"c/a': {rate / plain_cold:.2f}")
-    for label, (rows, rate, peak, _) in results.items():
-        print(f"peak memory of the scoring job (driver + Ray, not the S3 server), {rows} images: {peak / 2**30:.2f} GiB "
-              f"({rate:.1f} img/s)")
-    small, large = (results[k][2] for k in results)
-    print(f"memory ratio large/small: {large / small:.2f} (target <= 1.1)")
+        figures |= jobs(model_dir, files, bucket, server, tmp, args)
+    plain = figures["plain_img_s"]
+    figures |= {
+        "ratio_local_vs_plain": round(figures["job_local_img_s"] / plain, 2),
+        "ratio_tar_vs_plain": round(figures["job_tar_img_s"] / plain, 2),
+        "ratio_s3_vs_plain": round(figures["job_s3_img_s"] / plain, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
+    for key, value in figures.items():
+        print(f"{key:45s} {value}")
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        kind, rest = sys.argv[2], sys.argv[3:]
+        logging.disable(logging.WARNING)
+        if kind == "engine":
+            result = child_engine(rest[0], rest[1], int(rest[2]), rest[3], int(rest[4]))
+        elif kind == "plain":
+            result = child_plain(*rest)
+        else:
+            result = child_peak_gflops(int(rest[0]))
+        print(json.dumps(result))
+    else:
+        main()

@@ -193,18 +193,22 @@ def train_loop(config: dict) -> None:
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(x, y)), axis=None)
 
     def lowres(x, y):
-        """A share of the images shrunk to a random side and enlarged back: blur is seen in every class and source."""
-        x = tf.cast(x, tf.float32)
+        """A share of a batch's images shrunk to a random side (one per batch) and enlarged back: blur is seen in
+        every class and source."""
         side = tf.random.uniform([], min_side, size + 1, dtype=tf.int32)
         blurred = tf.image.resize(tf.image.resize(x, [side, side], antialias=True), [size, size])
-        return tf.where(tf.random.uniform([]) < lowres_share, blurred, x), y
+        return tf.where(tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < lowres_share, blurred, x), y
 
     def batches(x, y, order, train: bool):
-        signature = (tf.TensorSpec(x.shape[1:], tf.uint8), tf.TensorSpec((), tf.int64))
-        ds = tf.data.Dataset.from_generator(lambda: ((x[i], y[i]) for i in order), output_signature=signature)
-        ds = ds.map(lowres) if train else ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
-        ds = ds.batch(per_worker, drop_remainder=True).prefetch(2)
-        return strategy.experimental_distribute_dataset(ds.with_options(options))
+        """Whole batches gathered from the in-memory shard (one Python step per batch, not per image)."""
+        starts = range(0, len(order) - per_worker + 1, per_worker)
+        signature = (tf.TensorSpec((per_worker, *x.shape[1:]), tf.uint8), tf.TensorSpec((per_worker,), tf.int64))
+        ds = tf.data.Dataset.from_generator(lambda: ((x[order[i : i + per_worker]], y[order[i : i + per_worker]]) for i in starts),
+                                            output_signature=signature)  # fmt: skip
+        ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
+        if train and lowres_share > 0:
+            ds = ds.map(lowres)
+        return strategy.experimental_distribute_dataset(ds.prefetch(2).with_options(options))
 
     for epoch in range(state["epoch"], config["epochs"]):
         started = time.time()
