@@ -19,7 +19,6 @@ import json
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chi2_contingency
 
 from melanoma import layout, registry
 
@@ -119,6 +118,8 @@ def night_drift(rows: pd.DataFrame, reference: dict | None, reference_version: s
 def compare(reference_counts, night_counts) -> tuple[float, float]:
     """(PSI, p-value of a chi-square test of homogeneity) of two histograms over the same bins. Bins empty on both
     sides are dropped; an empty bin on one side counts as half an image there (the PSI of an empty bin is infinite)."""
+    from scipy.stats import chi2_contingency  # here, not at the top: every scoring actor imports this module
+
     ref, night = np.asarray(reference_counts, dtype=np.float64), np.asarray(night_counts, dtype=np.float64)
     kept = (ref + night) > 0
     ref, night = ref[kept], night[kept]
