@@ -159,8 +159,7 @@ def promote(s: Settings, candidate: str, model_dir: str, labels_uri: str, images
     previous = current(model_dir)
     if previous == version:
         raise PromotionError(f"{storage.join(model_dir, version)}: already latest")
-    entry = {"time": datetime.now(timezone.utc).isoformat(), "candidate": version, "previous": previous, "forced": force,
-             "labels": labels_uri, "images": images_uri}
+    entry = {"candidate": version, "previous": previous, "forced": force, "labels": labels_uri, "images": images_uri}
     if previous is None:
         entry |= {"decision": "first"}
     else:
@@ -177,9 +176,10 @@ def promote(s: Settings, candidate: str, model_dir: str, labels_uri: str, images
                   "images_compared": len(rows)}
         if not moved:
             entry["reason"] = why_refused(rule)
+    entry = {"time": datetime.now(timezone.utc).isoformat()} | entry  # when decided: the log's order
+    write_entry(model_dir, entry)  # before `latest` moves: no move goes unlogged
     if entry["decision"] != "refused":
         registry.set_latest(model_dir, version)
-    write_entry(model_dir, entry)
     return entry
 
 
