@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import make_image
-from melanoma import dataset, layout, outcomes, sources
-from melanoma.config import CLASS_NAMES, MELANOMA, snake_case
+from melanoma import dataset, layout, outcomes, pipeline, registry, sources, train
+from melanoma.config import CLASS_NAMES, MELANOMA, settings, snake_case
 
 SEED, VAL, TEST = 42, 0.3, 0.3
 
@@ -107,3 +107,53 @@ def test_confirmed_images_join_the_work_dir_split_by_night_and_patient(tmp_path)
     assert later["nights"] == report["nights"] and later["per_split"] == {"val": {sources.OUTCOMES: 1}}
     nothing = sources.add_outcomes(str(work), str(tmp_path / "no-store"), scores, VAL, TEST, SEED)
     assert nothing["rows"] == 0 and nothing["per_split"] == {}
+
+
+def data_root(root: Path) -> Path:
+    """A data root as `melanoma pipeline` reads it, of generated images: 9-class folders, ground truth,
+    HAM10000 and isic-extra, four images each."""
+    for i, label in enumerate(["melanoma", "nevus"] * 4):
+        make_image(root / "isic-9class" / "Train" / label / f"ISIC_900000{i}.jpg", seed=300 + i)
+    (root / "labels").mkdir()
+    (root / "labels" / "isic2019_training_ground_truth.csv").write_text("image,label\nISIC_9000000,MEL\n")
+    ham = ["lesion_id,image_id,dx"] + [f"HAM_{i},ISIC_910000{i},{'mel' if i % 2 else 'nv'}" for i in range(4)]
+    (root / "ham10000").mkdir()
+    (root / "ham10000" / "HAM10000_metadata.csv").write_text("\n".join(ham) + "\n")
+    extra = ["image_id,label,melanoma,lesion_id,patient_id"] + [f"ISIC_920000{i},nevus,0,,P{i}" for i in range(4)]
+    (root / "isic-extra").mkdir()
+    (root / "isic-extra" / "labels.csv").write_text("\n".join(extra) + "\n")
+    for i in range(4):
+        make_image(root / "ham10000" / "images" / f"ISIC_910000{i}.jpg", seed=400 + i)
+        make_image(root / "isic-extra" / "images" / f"ISIC_920000{i}.jpg", seed=500 + i)
+    return root
+
+
+def test_the_pipeline_adds_new_outcomes_on_every_run_and_trains_a_new_model_for_them(tmp_path):
+    root = data_root(tmp_path / "data")
+    night = nights_one_per_side()["train"]
+    files = [make_image(tmp_path / "archive" / f"o{n}.jpg", seed=600 + n) for n in range(3)]
+    scores = write_scores(tmp_path / "scores", {night: [(str(f), f.read_bytes()) for f in files]})
+    store, csv = str(tmp_path / "store"), tmp_path / "outcomes.csv"
+    csv.write_text("image_id,melanoma,confirmed_on\no0,yes,2026-11-20\no1,no,2026-11-20\n")
+    outcomes.add(str(csv), store)
+    work, models = str(tmp_path / "work"), str(tmp_path / "models")
+    s = settings(seed=SEED)
+
+    done = pipeline.prepare(s, str(root), work, store, scores)
+    assert list(done) == ["ham10000", "isic-extra", sources.OUTCOMES]
+    assert done[sources.OUTCOMES]["per_split"] == {"train": {sources.OUTCOMES: 2}}
+
+    # a model published from this work dir under the run name with the manifest's digest is found, not retrained
+    digest = hashlib.sha256(Path(work, dataset.MANIFEST).read_bytes())
+    run_name = f"{train.run_name_for(s, work)}-{digest.hexdigest()[:8]}"
+    (tmp_path / "model.keras").write_bytes(b"not trained here")
+    card = {"version": "v1", "run_name": run_name, "class_names": list(CLASS_NAMES), "temperature": 1.0, "alert_threshold": 0.5}
+    registry.publish(models, str(tmp_path / "model.keras"), card)
+    assert pipeline.run(s, str(root), work, models, store, scores)["version"] == "v1"
+
+    # one more outcome: added on the next run, and the manifest (so the run name) changes
+    csv.write_text("image_id,melanoma,confirmed_on\no2,no,2026-11-21\n")
+    outcomes.add(str(csv), store)
+    before = Path(work, dataset.MANIFEST).read_bytes()
+    assert pipeline.prepare(s, str(root), work, store, scores)[sources.OUTCOMES]["per_split"] == {"train": {sources.OUTCOMES: 1}}
+    assert Path(work, dataset.MANIFEST).read_bytes() != before
