@@ -27,14 +27,14 @@ STAT_COLUMNS = tuple(layout.IMAGE_STATS)
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 weights of R, G, B
 DECILES = np.linspace(0.1, 0.9, 9)
 PERCENTILES = np.linspace(0, 100, 51)  # the shape of each distribution, for the report's histograms
-# feature -> (what a reason calls it, how its values read)
+# feature -> (what a reason calls it, decimals and unit its values read with)
 FEATURES = {
-    "size": ("image size", "{:.0f} px"),
-    "brightness": ("brightness", "{:.3f}"),
-    "red_share": ("red share of the colour", "{:.3f}"),
-    "blue_share": ("blue share of the colour", "{:.3f}"),
-    "sharpness": ("sharpness", "{:.3f}"),
-    "melanoma_risk": ("melanoma risk", "{:.3f}"),
+    "size": ("image size", (0, " px")),
+    "brightness": ("brightness", (3, "")),
+    "red_share": ("red share of the colour", (3, "")),
+    "blue_share": ("blue share of the colour", (3, "")),
+    "sharpness": ("sharpness", (3, "")),
+    "melanoma_risk": ("melanoma risk", (3, "")),
 }
 
 
@@ -180,9 +180,12 @@ def _classes(predicted: pd.Series, ref_counts: dict[str, int], psi_alert: float,
 
 
 def _feature_reason(name: str, f: dict) -> str:
-    label, form = FEATURES[name]
-    moved = "rose" if f["mean"] > f["reference_mean"] else "fell"
-    return f"{label} {moved}: mean {form.format(f['mean'])} vs {form.format(f['reference_mean'])} in validation (PSI {f['psi']:.2f})"
+    """A distribution can move while its mean barely does: the means get the decimals it takes to tell them apart."""
+    label, (decimals, unit) = FEATURES[name]
+    decimals = next((d for d in range(decimals, decimals + 4) if round(f["mean"], d) != round(f["reference_mean"], d)), decimals)
+    night, ref = (f"{v:.{decimals}f}{unit}" for v in (f["mean"], f["reference_mean"]))
+    moved = "rose" if f["mean"] > f["reference_mean"] else "fell" if f["mean"] < f["reference_mean"] else "changed shape"
+    return f"{label} {moved}: mean {night} vs {ref} in validation (PSI {f['psi']:.2f})"
 
 
 def _flagged_reason(f: dict) -> str:
