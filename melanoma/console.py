@@ -120,12 +120,18 @@ def source_line(name: str, report: dict, work: str) -> str:
 
 
 def card_line(card: dict, model_dir: str) -> str:
+    """The published model's figures, and whether it is `latest` or waits for `melanoma promote`."""
+    from melanoma import registry
+
     m, c = card["metrics"], card["calibration"]
     held_out = c["held_out"]
+    latest = registry.read_card(model_dir)["version"]
+    status = "latest" if latest == card["version"] else (
+        f"latest stays {latest} until `melanoma promote {card['version']} --model-dir {model_dir} ...` compares them")
     return (
         f"model {card['version']}: balanced accuracy {m['balanced_accuracy']:.3f}, melanoma AUC {m['melanoma_auc']:.3f}, "
         f"alert threshold {c['alert_threshold']:.3f} (held-out sensitivity {held_out['sensitivity']:.2f}, "
-        f"specificity {held_out['specificity']:.2f}, ECE {held_out['ece']:.3f}) -> {model_dir}"
+        f"specificity {held_out['specificity']:.2f}, ECE {held_out['ece']:.3f}) -> {model_dir} ({status})"
     )
 
 

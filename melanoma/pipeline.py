@@ -82,7 +82,11 @@ def run(s: Settings, root: str, work: str, model_dir: str, outcomes_uri: str | N
 
 
 def _published(model_dir: str, run_name: str) -> dict | None:
-    if not storage.exists(storage.join(model_dir, registry.LATEST)):
+    """The newest version the run published, whether or not it was promoted to `latest`."""
+    if not storage.exists(model_dir):
         return None
-    card = registry.read_card(model_dir)
-    return card if card.get("run_name") == run_name else None
+    for version in reversed(registry.versions(model_dir)):
+        card = registry.read_card(storage.join(model_dir, version))
+        if card.get("run_name") == run_name:
+            return card
+    return None

@@ -1,4 +1,5 @@
-"""Model artifacts: <model-dir>/<version>/{model.keras, model_card.json, extra files} and a <model-dir>/latest pointer.
+"""Model artifacts: <model-dir>/<version>/{model.keras, model_card.json, extra files} and a <model-dir>/latest pointer
+(set by the first publish, then moved only by a promotion).
 
 The card carries the sha256 of the model file and of every extra file published with it (card["files"]); loading
 refuses a file whose checksum differs, a card whose classes do not match the model's outputs, and any layer that
@@ -14,6 +15,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+import pyarrow.fs as pafs
 
 from melanoma import storage
 from melanoma.errors import MelanomaError
@@ -44,7 +47,8 @@ def new_version(arch: str) -> str:
 
 def publish(model_dir: str, model_file: str, card: dict, extras: dict[str, bytes] | None = None) -> str:
     """Copies the model and its extra files (name -> bytes, e.g. an exported engine) and writes the card with
-    their checksums; moves `latest` only once all are complete."""
+    their checksums. The first version of a model dir becomes `latest` once all are complete; a later one waits
+    beside it until `melanoma promote` compares it with `latest` (melanoma/promote.py)."""
     with open(model_file, "rb") as f:
         data = f.read()
     version = card["version"]
@@ -61,8 +65,20 @@ def publish(model_dir: str, model_file: str, card: dict, extras: dict[str, bytes
     for name, blob in extras.items():
         storage.write_bytes(storage.join(target, name), blob)
     storage.write_bytes(storage.join(target, CARD_FILE), json.dumps(card, indent=2).encode())
-    set_latest(model_dir, version)
+    if not storage.exists(storage.join(model_dir, LATEST)):
+        set_latest(model_dir, version)
     return target
+
+
+def versions(model_dir: str) -> list[str]:
+    """The published versions of a model dir (those with a card), oldest name first."""
+    fs, path = storage.pyarrow_fs(model_dir)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise storage.explain(model_dir, exc) from None
+    names = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
+    return sorted(n for n in names if storage.exists(storage.join(model_dir, n, CARD_FILE)))
 
 
 def set_latest(model_dir: str, version: str) -> None:
