@@ -157,6 +157,121 @@ def test_latest_is_set_only_after_the_card_is_written(tmp_path, model_files):
     assert (models / registry.LATEST).read_text() == "v1"
 
 
+# ---------------------------------------------------------------- refusals
+
+
+def published(tmp_path: Path, model_file: Path, **changes) -> Path:
+    registry.publish(str(tmp_path / "models"), str(model_file), card("v1", **changes))
+    return tmp_path / "models" / "v1"
+
+
+def test_a_model_truncated_after_publishing_fails_its_checksum(tmp_path, model_files):
+    version = published(tmp_path, model_files["a"])
+    path = version / registry.MODEL_FILE
+    path.write_bytes(path.read_bytes()[:-100])
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(tmp_path / "models"))
+
+    assert_one_line(caught, f"{path}: checksum mismatch", "refusing a modified or truncated model")
+
+
+def test_a_model_with_one_byte_flipped_fails_its_checksum(tmp_path, model_files):
+    version = published(tmp_path, model_files["a"])
+    path = version / registry.MODEL_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(version))
+
+    message = assert_one_line(caught, f"{path}: checksum mismatch")
+    assert hashlib.sha256(bytes(data)).hexdigest()[:12] in message and sha256(model_files["a"])[:12] in message
+
+
+def test_a_truncated_model_published_with_its_own_checksum_cannot_be_loaded(tmp_path, model_files):
+    version = published(tmp_path, model_files["truncated"])
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(version))
+
+    assert_one_line(caught, f"{version / registry.MODEL_FILE}: cannot be loaded safely: ")
+
+
+def test_a_lambda_layer_is_refused_by_safe_mode_even_with_a_valid_checksum(tmp_path, model_files):
+    version = published(tmp_path, model_files["lambda"])
+    assert json.loads((version / registry.CARD_FILE).read_text())["model_sha256"] == sha256(model_files["lambda"])
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(version))
+
+    message = assert_one_line(caught, f"{version / registry.MODEL_FILE}: cannot be loaded safely: ", "`Lambda` layer")
+    assert len(message) < len(str(version)) + 400
+
+
+def test_a_card_naming_8_classes_for_a_9_output_model_is_refused(tmp_path, model_files):
+    version = published(tmp_path, model_files["a"], class_names=list(CLASS_NAMES[:8]))
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(version))
+
+    assert_one_line(caught, f"{version}: the card names 8 classes but the model has 9 outputs")
+
+
+@pytest.mark.parametrize(
+    "drop, named",
+    [(["temperature"], "temperature"), (["alert_threshold", "class_names"], "class_names, alert_threshold"),
+     (["model_sha256"], "model_sha256"), (["version"], "version")],
+)  # fmt: skip
+def test_a_card_missing_fields_is_refused_naming_them(tmp_path, model_files, drop, named):
+    version = published(tmp_path, model_files["a"])
+    path = version / registry.CARD_FILE
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in data.items() if k not in drop}))
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(tmp_path / "models"))
+
+    assert_one_line(caught, f"{path}: model card lacks {named}")
+
+
+@pytest.mark.parametrize("text", ['{"version": "v1", "class_names": [', "", "\xff\xfe not utf-8"])
+def test_a_card_that_is_not_json_is_refused(tmp_path, model_files, text):
+    version = published(tmp_path, model_files["a"])
+    path = version / registry.CARD_FILE
+    path.write_bytes(text.encode("latin-1"))
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(version))
+
+    assert_one_line(caught, f"{path}: model card is not valid JSON")
+
+
+@pytest.mark.parametrize("text", ["null", "42", '["version", "class_names", "model_sha256", "temperature", "alert_threshold"]'])
+def test_a_card_that_is_json_but_not_an_object_is_refused(tmp_path, model_files, text):
+    version = published(tmp_path, model_files["a"])
+    path = version / registry.CARD_FILE
+    path.write_text(text)
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(version))
+
+    assert_one_line(caught, str(path))
+
+
+def test_a_directory_with_no_card_and_no_latest_is_not_a_model(tmp_path, model_files):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "model.keras").write_bytes(model_files["a"].read_bytes())
+
+    with pytest.raises(ModelError) as caught:
+        registry.load(str(tmp_path / "stuff"))
+
+    assert_one_line(caught, f"{tmp_path / 'stuff'}: no model_card.json and no 'latest' pointer (not a model directory)")
+    with pytest.raises(ModelError):
+        registry.read_card(str(tmp_path / "missing"))
+
+
 # ---------------------------------------------------------------- S3
 
 
