@@ -9,7 +9,7 @@
 
 components  single-thread CPU cost of each pipeline stage, per core: decode+resize (melanoma.images) of JPEGs
             at each size (HAM10000 images upscaled with Lanczos, JPEG q90), sha256, and inference of the
-            default model (untrained: speed does not depend on the weights) with 1 TensorFlow thread.
+            default model (untrained: speed does not depend on the weights) through its TF-Lite export on 1 thread.
 nodes       a real local Ray cluster (services.RayCluster, token auth): the head alone, then head + one
             added node, each pinned to its own physical core (sched_setaffinity is inherited by every
             process of the node), one Scorer actor per node; the driver connects with ray.init(address=...)
@@ -707,9 +707,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10, help="components: timed inference batches")
     parser.add_argument("--model-sizes", default="", help="components: model input sizes (default: Settings.image_size)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="listing: synthetic inputs")
-    parser.add_argument("--decode-ms", default="180x180=0.74,600x450=3.32,1024x768=9.6,4000x3000=62.5",
+    parser.add_argument("--decode-ms", default="200x150=0.54,600x450=3.61,1024x768=11.96,4000x3000=51.3",
                         help="capacity: decode+resize CPU ms per image by input size (measured: components)")
-    parser.add_argument("--infer-ms", type=float, default=4.60, help="capacity: inference CPU ms per image (measured)")
+    parser.add_argument("--infer-ms", type=float, default=2.32, help="capacity: inference CPU ms per image (measured)")
     parser.add_argument("--overhead-ms", type=float, default=2.21, help="capacity: other CPU ms per image (measured)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="capacity: GET wait per image not hidden by other work")
     parser.add_argument("--efficiency", type=float, default=0.95, help="capacity: throughput kept per added node (measured 2 nodes)")

@@ -1,8 +1,9 @@
 """Inference engines: the published Keras model, or its TF-Lite export run by LiteRT's XNNPACK delegate.
 
-On CPU the TF-Lite float32 export computes the same probabilities (within 1e-5) about twice as fast as Keras
-`predict_on_batch`, and LiteRT's interpreter loads without importing TensorFlow, which takes seconds per process
-(docs/capacity.md has the measurements, benchmarks/score_throughput.py makes them). The export is produced at
+On CPU the TF-Lite float32 export computes the same probabilities (within 1e-5) 1.5x (one thread) to 1.7x (two)
+as fast as Keras `predict_on_batch`, close to the arithmetic limit, and LiteRT's interpreter loads without importing
+TensorFlow, which takes seconds per process (docs/speed.md has the measurements, benchmarks/score_throughput.py
+makes them). The export is produced at
 publish time, for the input size on the card, and stored in the registry beside the model with its checksum on
 the card; loading verifies it. GPU actors keep TensorFlow.
 """
