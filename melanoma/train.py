@@ -138,8 +138,6 @@ def train_loop(config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     global_batch = config["batch_size"]
     per_worker = max(global_batch // world, 1)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     train_x, train_y = _read_shard("train")
     val_x, val_y = _read_shard("val")
     # The shards are equal, so every worker runs the same number of steps (each step's all-reduce waits for all).
@@ -169,9 +167,19 @@ def train_loop(config: dict) -> None:
         p = tf.where(y >= 0, p_class, 1.0 - probs[:, melanoma_index])
         return -tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))
 
+    def lowres(x):
+        """A share of a batch's images shrunk to a random side (one per batch) and enlarged back: blur is seen in
+        every class and source."""
+        side = tf.random.uniform([], min_side, size + 1, dtype=tf.int32)
+        blurred = tf.image.resize(tf.image.resize(x, [side, side], antialias=True), [size, size])
+        return tf.where(tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < lowres_share, blurred, x)
+
     @tf.function
     def train_step(x, y):
         def step(x, y):
+            x = tf.cast(x, tf.float32)
+            if lowres_share > 0:
+                x = lowres(x)
             with tf.GradientTape() as tape:
                 probs = model(x, training=True)
                 loss = tf.nn.compute_average_loss(per_example_loss(y, probs), global_batch_size=global_batch)
@@ -184,7 +192,7 @@ def train_loop(config: dict) -> None:
     @tf.function
     def val_step(x, y):
         def step(x, y):
-            probs = model(x, training=False)
+            probs = model(tf.cast(x, tf.float32), training=False)
             labelled = tf.cast(y >= 0, tf.float32)
             correct = tf.reduce_sum(labelled * tf.cast(tf.equal(tf.argmax(probs, axis=1), y), tf.float32))
             total = tf.cast(tf.shape(y)[0], tf.float32)
@@ -192,31 +200,21 @@ def train_loop(config: dict) -> None:
 
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(x, y)), axis=None)
 
-    def lowres(x, y):
-        """A share of a batch's images shrunk to a random side (one per batch) and enlarged back: blur is seen in
-        every class and source."""
-        side = tf.random.uniform([], min_side, size + 1, dtype=tf.int32)
-        blurred = tf.image.resize(tf.image.resize(x, [side, side], antialias=True), [size, size])
-        return tf.where(tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < lowres_share, blurred, x), y
-
-    def batches(x, y, order, train: bool):
-        """Whole batches gathered from the in-memory shard (one Python step per batch, not per image)."""
-        starts = range(0, len(order) - per_worker + 1, per_worker)
-        signature = (tf.TensorSpec((per_worker, *x.shape[1:]), tf.uint8), tf.TensorSpec((per_worker,), tf.int64))
-        ds = tf.data.Dataset.from_generator(lambda: ((x[order[i : i + per_worker]], y[order[i : i + per_worker]]) for i in starts),
-                                            output_signature=signature)  # fmt: skip
-        ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
-        if train and lowres_share > 0:
-            ds = ds.map(lowres)
-        return strategy.experimental_distribute_dataset(ds.prefetch(2).with_options(options))
+    def batches(x, y, order):
+        """This worker's batches of per_worker images, gathered from its in-memory shard. Each worker feeds its own
+        replica directly: a distributed tf.data dataset would split every batch again across the workers and end
+        each epoch with a cross-worker end-of-data check that cost seconds (docs/speed.md)."""
+        for i in range(0, len(order) - per_worker + 1, per_worker):
+            rows = order[i : i + per_worker]
+            yield tf.constant(x[rows]), tf.constant(y[rows])
 
     for epoch in range(state["epoch"], config["epochs"]):
         started = time.time()
         draw_seed = config["seed"] * 1000 + epoch * 10 + rank
         order = epoch_draw(train_y, train_steps * per_worker, float(config["balance_power"]), draw_seed)
-        losses = [float(train_step(x, y)) for x, y in batches(train_x, train_y, order, train=True)]
+        losses = [float(train_step(x, y)) for x, y in batches(train_x, train_y, order)]
         train_seconds = time.time() - started
-        val_batches = batches(val_x, val_y, np.arange(len(val_y)), train=False)
+        val_batches = batches(val_x, val_y, np.arange(len(val_y)))
         totals = np.sum([val_step(x, y).numpy() for x, y in val_batches], axis=0)
         val_loss, val_accuracy = float(totals[0] / totals[3]), float(totals[1] / max(totals[2], 1))
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
