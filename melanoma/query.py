@@ -129,7 +129,7 @@ def connect(scores_uri: str, nights: list[str] | None = None, outcomes_uri: str 
     try:
         con.execute(
             "CREATE VIEW scores AS SELECT * FROM "
-            f"read_parquet([{files}], hive_partitioning = true, hive_types = {{'run_date': DATE}}, union_by_name = true)"
+            f"read_parquet([{files}], hive_partitioning = true, hive_types = {{'run_date': DATE}})"
         )
     except duckdb.Error as exc:
         con.close()

@@ -82,15 +82,6 @@ def test_query_orders_riskiest_first_and_filters(scores):
     assert [str(d) for d in query.query(scores, top=1, until=NIGHTS[1]).column("run_date").to_pylist()] == [NIGHTS[0]]
 
 
-def test_a_night_scored_before_the_image_statistics_reads_them_as_null(scores):
-    """Nights written before the drift columns existed sit beside newer ones, whichever file is read first."""
-    older = pq.read_table(f"{scores}/run_date={NIGHTS[0]}/part-0.parquet").drop_columns(list(layout.IMAGE_STATS))
-    pq.write_table(older, f"{scores}/run_date={NIGHTS[0]}/part-0.parquet")
-    both = query.sql(scores, "SELECT run_date, image_width FROM scores ORDER BY run_date")
-    assert both.num_rows == 8 and both.column("image_width").null_count == 8
-    assert query.query(scores, date=NIGHTS[0], top=1).column("melanoma_risk").to_pylist() == [0.9]
-
-
 def test_format_table_renders_every_kind_of_cell(scores):
     table = query.query(scores, errors=True).select(["run_date", "image_id", "melanoma_risk", "flagged", "scored_at", "error"])
 
