@@ -42,10 +42,19 @@ def image_stats(pixels: np.ndarray, widths, heights) -> dict[str, np.ndarray]:
     """The STAT_COLUMNS of a batch of model-sized images (N x S x S x 3 uint8) decoded at widths x heights.
     Sharpness is the variance of the Laplacian of the grey image over the variance of the grey image: blur lowers
     it, while darkening or a change of contrast, which scale both, leave it as it was."""
-    x = pixels.astype(np.float32) / 255
-    means = x.mean(axis=(1, 2))
-    grey = x @ LUMA
-    laplacian = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1]
+    n, height, width, _ = pixels.shape
+    # Written for speed (a third of the per-image CPU of scoring otherwise): channel sums over whole rows first,
+    # exact in integers; grey level from the uint8 channels without a float copy of the image.
+    sums = pixels.reshape(n, height, width * 3).sum(axis=1, dtype=np.uint32).reshape(n, width, 3).sum(axis=1)
+    means = sums / float(height * width * 255)
+    weights = LUMA / np.float32(255)
+    grey = pixels[..., 0] * weights[0]
+    grey += pixels[..., 1] * weights[1]
+    grey += pixels[..., 2] * weights[2]
+    laplacian = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1]
+    laplacian += grey[:, 1:-1, :-2]
+    laplacian += grey[:, 1:-1, 2:]
+    laplacian -= 4 * grey[:, 1:-1, 1:-1]
     sharpness = laplacian.var(axis=(1, 2)) / np.maximum(grey.var(axis=(1, 2)), 1e-6)
     return {
         "image_width": np.asarray(widths, dtype=np.int32),
