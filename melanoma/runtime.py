@@ -67,6 +67,9 @@ def disconnect() -> None:
         ray.shutdown()
 
 
+STOP = ("stop", 0, None)  # tells the bar's follower that no more items come
+
+
 class Feed:
     """What a Ray worker holds to advance a bar on the driver (picklable: a Ray queue). The bar is for people:
     a queue that is gone (its node died) never fails the work that reports to it."""
@@ -103,7 +106,6 @@ def remote_progress(total: int, desc: str, unit: str) -> Iterator[Feed]:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     bar = console.progress(total=total, desc=desc, unit=unit)
-    stop = threading.Event()
 
     def draw(item) -> None:
         kind, n, line = item
@@ -113,12 +115,14 @@ def remote_progress(total: int, desc: str, unit: str) -> Iterator[Feed]:
 
     def follow() -> None:
         try:
-            while not stop.is_set():
+            while True:
                 try:
-                    draw(queue.get(timeout=1))
+                    item = queue.get(timeout=1)
                 except Empty:
                     bar.refresh()  # the elapsed time moves on
-            for item in queue.get_nowait_batch(queue.qsize()):
+                    continue
+                if item == STOP:
+                    return
                 draw(item)
         except RayActorError:
             return
@@ -128,7 +132,10 @@ def remote_progress(total: int, desc: str, unit: str) -> Iterator[Feed]:
     try:
         yield Feed(queue)
     finally:
-        stop.set()
+        # The workers' puts are synchronous, so STOP comes after every one of them: the bar ends drawn whole, at
+        # once, rather than when the follower's wait times out.
+        with contextlib.suppress(RayActorError):
+            queue.put_nowait(STOP)
         thread.join(timeout=10)
         bar.close()
         queue.shutdown()
