@@ -2,9 +2,9 @@
 
 Listing turns an archive into input rows; a tar member is addressed as `<shard uri>#<member name>` with
 its byte range inside the shard, so no shard is ever unpacked to disk. Scoring fetches a batch of rows at
-once (`fetch_all`): reads overlap on threads, so a worker waits for one request latency per batch rather than
-per image, and neighbouring members of one shard come in one ranged read rather than one read each. A reader
-of the scores fetches images by the URIs the rows carry (`fetch_uris`), through the same reads.
+once (`fetch_all`): reads from object storage overlap on threads, so a worker waits for one request latency per
+batch rather than per image, and neighbouring members of one shard come in one ranged read rather than one read
+each. A reader of the scores fetches images by the URIs the rows carry (`fetch_uris`), through the same reads.
 """
 
 from __future__ import annotations
@@ -128,13 +128,19 @@ def fetch_all(rows: pd.DataFrame, threads: int) -> list[bytes | storage.StorageE
         return [(p, data[int(rows["offset"].iat[p]) - offset :][: int(rows["size"].iat[p])]) for p in positions]
 
     out: list[bytes | storage.StorageError] = [b""] * len(rows)
-    pool = ThreadPoolExecutor(max(threads, 1))
-    try:
-        for results in pool.map(read, _spans(rows)):
-            for position, value in results:
-                out[position] = value
-    finally:
-        pool.shutdown(cancel_futures=True)  # after a StorageUnavailable, no more reads against a dead endpoint
+    spans = _spans(rows)
+    remote = [span for span in spans if storage.is_s3(span[1])]
+    # Local reads are not worth a thread each: starting the threads costs more than the reads.
+    results = [read(span) for span in spans if not storage.is_s3(span[1])]
+    if remote:
+        pool = ThreadPoolExecutor(max(threads, 1))
+        try:
+            results.extend(pool.map(read, remote))
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a StorageUnavailable, no more reads against a dead endpoint
+    for result in results:
+        for position, value in result:
+            out[position] = value
     return out
 
 
