@@ -62,6 +62,21 @@ def _texture(seed: int, brightness: float = 1.0) -> np.ndarray:
     return np.clip(rng.normal(120, 40, (150, 200, 3)) * brightness, 0, 255).astype(np.uint8)
 
 
+def test_statistics_equal_their_definition_on_real_images(shared_data):
+    """image_stats is written for speed; on real images it equals the definition computed plainly, in float64."""
+    files = sorted((shared_data / "ham10000" / "images").glob("*.jpg"))[:24]
+    pictures = [images.decode(f.read_bytes(), S.max_image_pixels, S.max_decoded_side) for f in files]
+    pixels = np.stack([images.resize(p, SIZE) for p in pictures])
+    stats = drift.image_stats(pixels, [p.shape[1] for p in pictures], [p.shape[0] for p in pictures])
+    for k, image in enumerate(pixels.astype(np.float64) / 255):
+        means = [stats[c][k] for c in ("mean_red", "mean_green", "mean_blue")]
+        assert means == pytest.approx(image.mean(axis=(0, 1)), abs=1e-9)
+        grey = image @ drift.LUMA.astype(np.float64)
+        laplacian = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
+        assert stats["sharpness"][k] == pytest.approx(laplacian.var() / grey.var(), rel=1e-4)
+    assert (stats["image_width"] == 200).all() and (stats["image_height"] == 150).all()
+
+
 def test_statistics_follow_darkening_blur_and_colour():
     sharp = _texture(0)
     base = _stats([sharp])
