@@ -6,13 +6,17 @@
    `predict_on_batch`, its TF-Lite float32 export and an int8 export, each on 1 thread and on every core,
    each in a fresh process; beside them the arithmetic limit: the model's FLOPs per image over the cores'
    measured float32 matrix-multiply peak.
-2. The plain loop: one fresh process that imports the engine, loads the model from the registry, reads,
-   decodes and scores the local files, timed from launch to exit (it pays its own start-up, as a job does).
+2. The plain loop: the job's work without Ray. One fresh process lists the local archive, loads the model from
+   the registry and runs the job's own per-batch code (melanoma/scorer.py: read, sha256, decode, resize, drift
+   statistics, the engine on every core, output rows) batch after batch, writing the rows to one Parquet file;
+   timed from launch to exit (it pays its own start-up, as a job does). Beside it the bare loop: read, decode,
+   resize and the engine only.
 3. `melanoma score` on a local Ray (the engine the CLI picks: the TF-Lite export on CPU), whole job timed:
    from local disk, from tar shards of 1,000 on a local SeaweedFS, and as loose files on it; each against the
    plain loop. The S3 server shares these 2 cores: its share of the busy CPU is printed.
 4. Start-up: the wall time of a run of one batch. Memory: peak PSS of the job (driver and every Ray process, not
-   the S3 server) on the archive once and on --repeat copies under other keys; streaming keeps them alike.
+   the S3 server), sampled on the loose-file runs only: the archive once and --repeat copies under other keys;
+   streaming keeps them alike.
 
 The model is the default architecture with its ImageNet backbone and an untrained head: speed does not depend
 on the head's weights. The int8 export's quality is measured by benchmarks/quality.py (`--engine tflite-int8`).
@@ -22,9 +26,11 @@ The last line is one JSON line of every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -81,8 +87,38 @@ def child_engine(model_dir: str, name: str, threads: int, images: str, n: int) -
     return {"img_s": len(pixels) / (time.perf_counter() - started)}
 
 
-def child_plain(model_dir: str, listing: str) -> dict:
-    """The plain loop: read, decode, resize and score every listed file with the engine scoring uses."""
+class NoBar:
+    """The plain loop draws no bar."""
+
+    def add(self, n: int, line: str | None = None) -> None:
+        pass
+
+
+def child_plain(model_dir: str, archive_dir: str, out: str) -> dict:
+    """The plain loop: the job's own per-batch code (melanoma/scorer.py: read, sha256, decode, resize, drift
+    statistics, the engine on every core, output rows), one batch after another in this process, the rows written
+    to one Parquet file. It lists the archive and loads the model itself, as the job does."""
+    import pyarrow.parquet as pq
+
+    from melanoma import archive, engine, layout, scorer
+    from melanoma.config import settings
+
+    s = settings()
+    version_dir, card, _ = engine.check(model_dir, "auto")
+    rows, _ = archive.list_inputs(archive_dir)
+    score = scorer.Scorer(version_dir, "auto", os.cpu_count(), False, NoBar())
+    size = card["input_size"][0]
+    started = time.perf_counter()
+    with pq.ParquetWriter(out, layout.output_schema(card["class_names"])) as writer:
+        for i in range(0, len(rows), BATCH):
+            batch = scorer.prepare(rows.iloc[i : i + BATCH], size, s.max_image_pixels, s.max_decoded_side, s.fetch_threads)
+            writer.write_table(score(batch))
+    return {"steady_img_s": len(rows) / (time.perf_counter() - started), "engine": score.loaded[0].name}
+
+
+def child_bare(model_dir: str, listing: str) -> dict:
+    """The bare loop: read, decode, resize and score every listed file with the engine scoring uses; no digest,
+    no drift statistics, no output rows."""
     from melanoma import engine, images
     from melanoma.config import settings
 
@@ -108,13 +144,16 @@ def child_peak_gflops(threads: int) -> dict:
 
 
 def in_fresh_process(*args: str, threads: int | None = None) -> tuple[dict, float]:
-    """(the child's JSON result, wall seconds from launch to exit)."""
+    """(the child's JSON result with its CPU-seconds as "cpu_s", wall seconds from launch to exit)."""
     env = dict(os.environ)
     if threads is not None:
         env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    started = time.perf_counter()
+    started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return result, time.perf_counter() - started
 
 
 # ---------------------------------------------------------------- measurements
@@ -166,17 +205,22 @@ def engines(model_dir: str, files: list[Path], work: Path) -> dict:
     return out
 
 
-def plain_loop(model_dir: str, files: list[Path], work: Path) -> dict:
+def plain_loops(model_dir: str, local: Path, files: list[Path], work: Path) -> dict:
+    """The plain loop (the job's work without Ray) and the bare loop, each timed from launch to exit."""
+    out = {}
+    result, wall = in_fresh_process("plain", model_dir, str(local), str(work / "plain.parquet"))
+    out |= {"plain_img_s": round(len(files) / wall, 1), "plain_steady_img_s": round(result["steady_img_s"], 1),
+            "plain_startup_s": round(wall - len(files) / result["steady_img_s"], 1), "plain_engine": result["engine"],
+            "plain_cpu_s": round(result["cpu_s"], 1)}  # fmt: skip
     listing = work / "files.txt"
     listing.write_text("\n".join(str(f) for f in files))
-    result, wall = in_fresh_process("plain", model_dir, str(listing))
-    return {"plain_img_s": round(len(files) / wall, 1), "plain_steady_img_s": round(result["steady_img_s"], 1),
-            "plain_startup_s": round(wall - len(files) / result["steady_img_s"], 1), "plain_engine": result["engine"]}  # fmt: skip
+    result, wall = in_fresh_process("bare", model_dir, str(listing))
+    out |= {"bare_loop_img_s": round(len(files) / wall, 1), "bare_loop_steady_img_s": round(result["steady_img_s"], 1)}
+    return out
 
 
-def process_tree_pss(root: int, exclude: int | None = None) -> int:
-    """PSS in bytes of `root` and all its descendants but `exclude`'s subtree (PSS splits shared pages, so the
-    object store counts once)."""
+def descendants(root: int, exclude: int | None = None) -> list[int]:
+    """`root` and all its descendants but `exclude`'s subtree."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -185,12 +229,20 @@ def process_tree_pss(root: int, exclude: int | None = None) -> int:
                 children.setdefault(ppid, []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 pass
-    total, stack = 0, [root]
+    found, stack = [], [root]
     while stack:
         pid = stack.pop()
-        if pid == exclude:
-            continue
-        stack.extend(children.get(pid, []))
+        if pid != exclude:
+            found.append(pid)
+            stack.extend(children.get(pid, []))
+    return found
+
+
+def process_tree_pss(root: int, exclude: int | None = None) -> int:
+    """PSS in bytes of `root` and all its descendants but `exclude`'s subtree (PSS splits shared pages, so the
+    object store counts once)."""
+    total = 0
+    for pid in descendants(root, exclude):
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -206,6 +258,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CpuByRole:
+    """CPU-seconds of the job's processes while it runs, by role: the scoring actors (Ray Data's MapWorkers), this
+    process (the driver), and every other Ray process (raylet, GCS, agents, the progress queue, read and write
+    tasks); the S3 server apart. Sampled every half second from /proc/<pid>/stat (cheap), so a process that ends
+    loses at most its last half second."""
+
+    def __init__(self, exclude: int | None):
+        self.exclude = exclude
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        seen = {}
+        for pid in descendants(os.getpid(), self.exclude):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                seen[pid] = ("driver" if pid == os.getpid() else "actors" if b"MapWorker" in command else "ray_other", cpu_seconds(pid))
+            except OSError:
+                pass
+        return seen
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.last.update(self._sample())
+            time.sleep(0.5)
+
+    def __enter__(self):
+        self.first = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.last.update(self._sample())
+
+    def seconds(self) -> dict[str, float]:
+        out = {"actors": 0.0, "driver": 0.0, "ray_other": 0.0}
+        for pid, (role, cpu) in self.last.items():
+            out[role] += cpu - self.first.get(pid, (role, 0.0))[1]
+        return {role: round(value, 1) for role, value in out.items()}
+
+
 def machine_busy_seconds() -> float:
     """CPU-seconds the whole machine spent not idle, summed over cores."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -213,18 +309,23 @@ def machine_busy_seconds() -> float:
 
 
 class PeakMemory:
-    """Peak PSS of this process and its descendants (Ray's processes) but the S3 server, sampled twice a second."""
+    """Peak PSS of this process and its descendants (Ray's processes) but the S3 server, sampled once a second.
+    Reading every process's smaps_rollup is not free (8% of these 2 cores at twice a second): `cpu_seconds` says
+    what the sampling cost."""
 
     def __init__(self, exclude: int | None):
         self.peak = 0
+        self.cpu_seconds = 0.0
         self.exclude = exclude
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
+            started = time.thread_time()
             self.peak = max(self.peak, process_tree_pss(os.getpid(), self.exclude))
-            time.sleep(0.5)
+            self.cpu_seconds += time.thread_time() - started
+            time.sleep(1.0)
 
     def __enter__(self):
         self._thread.start()
@@ -255,9 +356,6 @@ def jobs(model_dir: str, files: list[Path], bucket: str, server, tmp: Path, args
         upload(files, f"{bucket}/archive/copy-{copy}")
     build(f"{bucket}/tar", files, copies=1, layouts=("shards",))
     local = tmp / "local"
-    local.mkdir()
-    for f in files:
-        (local / f.name).symlink_to(f.resolve())
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     s = settings(actors=args.actors, score_batch_size=BATCH)
     upload(files[:BATCH], f"{bucket}/one-batch")
@@ -269,14 +367,23 @@ def jobs(model_dir: str, files: list[Path], bucket: str, server, tmp: Path, args
             (f"s3_{large}", f"{bucket}/archive"))  # fmt: skip
     for label, prefix in runs:
         server_cpu, busy = cpu_seconds(server.pid), machine_busy_seconds()
-        with PeakMemory(exclude=server.pid) as memory:
+        # memory is sampled on the loose-file runs only, so that the sampling does not slow the runs compared
+        # with the plain loop from local disk and tar shards
+        with (
+            PeakMemory(exclude=server.pid) if label.startswith("s3") else contextlib.nullcontext() as memory,
+            CpuByRole(exclude=server.pid) as cpu,
+        ):
             started = time.perf_counter()
             summary = score.score(s, model_dir, prefix, f"{bucket}/scores-{label}", "2026-11-25")
             seconds = time.perf_counter() - started
         out[f"job_{label}_img_s"] = round(summary["rows"] / seconds, 1)
         out[f"job_{label}_rows"] = summary["rows"]
+        out |= {f"job_{label}_cpu_s_{role}": value for role, value in cpu.seconds().items()}
+        out[f"job_{label}_machine_busy_s"] = round(machine_busy_seconds() - busy, 1)
         out[f"job_{label}_s3_server_cpu_share"] = round((cpu_seconds(server.pid) - server_cpu) / max(machine_busy_seconds() - busy, 1e-9), 2)
-        out[f"peak_memory_{label}_gib"] = round(memory.peak / 2**30, 2)
+        if memory is not None:
+            out[f"peak_memory_{label}_gib"] = round(memory.peak / 2**30, 2)
+            out[f"memory_sampling_{label}_cpu_s"] = round(memory.cpu_seconds, 1)
         out["job_engine"] = summary["engine"]
     ray.shutdown()
     out[f"peak_memory_{small}_gib"] = out.pop("peak_memory_s3_gib")
@@ -306,7 +413,11 @@ def main() -> None:
         model_dir = str(tmp / "models" / "bench-untrained")
         publish_untrained(str(tmp / "models"), args.arch)
         figures |= engines(model_dir, files, tmp)
-        figures |= plain_loop(model_dir, files, tmp)
+        local = tmp / "local"
+        local.mkdir()
+        for f in files:
+            (local / f.name).symlink_to(f.resolve())
+        figures |= plain_loops(model_dir, local, files, tmp)
         bucket = server.make_bucket("bench")
         figures |= jobs(model_dir, files, bucket, server, tmp, args)
     plain = figures["plain_img_s"]
@@ -314,6 +425,7 @@ def main() -> None:
         "ratio_local_vs_plain": round(figures["job_local_img_s"] / plain, 2),
         "ratio_tar_vs_plain": round(figures["job_tar_img_s"] / plain, 2),
         "ratio_s3_vs_plain": round(figures["job_s3_img_s"] / plain, 2),
+        "ratio_local_vs_bare_loop": round(figures["job_local_img_s"] / figures["bare_loop_img_s"], 2),
         "load_after": round(os.getloadavg()[0], 2),
     }
     for key, value in figures.items():
@@ -329,6 +441,8 @@ if __name__ == "__main__":
             result = child_engine(rest[0], rest[1], int(rest[2]), rest[3], int(rest[4]))
         elif kind == "plain":
             result = child_plain(*rest)
+        elif kind == "bare":
+            result = child_bare(*rest)
         else:
             result = child_peak_gflops(int(rest[0]))
         print(json.dumps(result))
