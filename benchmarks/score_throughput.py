@@ -260,9 +260,9 @@ def cpu_seconds(pid: int) -> float:
 
 class CpuByRole:
     """CPU-seconds of the job's processes while it runs, by role: the scoring actors (Ray Data's MapWorkers), this
-    process (the driver), and every other Ray process (raylet, GCS, agents, the progress queue, read and write
-    tasks); the S3 server apart. Sampled every half second from /proc/<pid>/stat (cheap), so a process that ends
-    loses at most its last half second."""
+    process (the driver; the memory sampler's own CPU is taken off by the caller), and every other Ray process
+    (raylet, GCS, agents, the progress queue, read and write tasks); the S3 server apart. Sampled every half
+    second from /proc/<pid>/stat (cheap), so a process that ends loses at most its last half second."""
 
     def __init__(self, exclude: int | None):
         self.exclude = exclude
@@ -275,7 +275,10 @@ class CpuByRole:
         for pid in descendants(os.getpid(), self.exclude):
             try:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes()
-                seen[pid] = ("driver" if pid == os.getpid() else "actors" if b"MapWorker" in command else "ray_other", cpu_seconds(pid))
+                role = "driver" if pid == os.getpid() else "actors" if b"MapWorker" in command else "ray_other"
+                if self.last.get(pid, ("",))[0] == "actors":
+                    role = "actors"  # a worker keeps the role it was once seen in
+                seen[pid] = (role, cpu_seconds(pid))
             except OSError:
                 pass
         return seen
@@ -379,6 +382,8 @@ def jobs(model_dir: str, files: list[Path], bucket: str, server, tmp: Path, args
         out[f"job_{label}_img_s"] = round(summary["rows"] / seconds, 1)
         out[f"job_{label}_rows"] = summary["rows"]
         out |= {f"job_{label}_cpu_s_{role}": value for role, value in cpu.seconds().items()}
+        if memory is not None:  # the memory sampler runs in this process: not the driver's work
+            out[f"job_{label}_cpu_s_driver"] = round(out[f"job_{label}_cpu_s_driver"] - memory.cpu_seconds, 1)
         out[f"job_{label}_machine_busy_s"] = round(machine_busy_seconds() - busy, 1)
         out[f"job_{label}_s3_server_cpu_share"] = round((cpu_seconds(server.pid) - server_cpu) / max(machine_busy_seconds() - busy, 1e-9), 2)
         if memory is not None:
