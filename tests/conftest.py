@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services import RayCluster, S3Server
+from services import RayCluster, S3Server, train_on
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,15 +116,5 @@ def small_work_dir(shared_data, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained_model(ray_cluster, small_work_dir, tmp_path_factory) -> str:
     """A real model trained by 2 Ray Train workers for 2 epochs on small_work_dir; returns its model dir."""
-    import ray
-
-    from melanoma import train
-    from melanoma.config import settings
-
     models = str(tmp_path_factory.mktemp("models"))
-    ray.init(address=ray_cluster.address)
-    try:
-        train.train(settings(epochs=2, batch_size=16, workers=2), small_work_dir, models)
-    finally:
-        ray.shutdown()
-    return models
+    return train_on(ray_cluster, small_work_dir, models, epochs=2, batch_size=16, workers=2)

@@ -164,6 +164,21 @@ class RayNode:
                 pass
 
 
+def train_on(cluster: "RayCluster", work: str, models: str, **overrides) -> str:
+    """`melanoma train` of work into models on the cluster, driven from this process; returns models."""
+    import ray
+
+    from melanoma import train
+    from melanoma.config import settings
+
+    ray.init(address=cluster.address)
+    try:
+        train.train(settings(**overrides), work, models)
+    finally:
+        ray.shutdown()
+    return models
+
+
 class RayCluster:
     """A local Ray head node with token auth and its own ports, temp dir and HOME.
 

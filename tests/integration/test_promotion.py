@@ -14,6 +14,7 @@ import pytest
 
 from melanoma import cli, layout, promote, registry, storage
 from melanoma.config import settings
+from services import train_on
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,17 +50,8 @@ def labelled(shared_data, s3, tmp_path_factory) -> tuple[str, str]:
 def good_model(ray_cluster, small_work_dir, tmp_path_factory) -> str:
     """The better model: the whole network fine-tuned for 5 epochs by one Ray Train worker (two workers' collective
     ops time out on a heavily loaded machine)."""
-    import ray
-
-    from melanoma import train
-
     models = str(tmp_path_factory.mktemp("good"))
-    ray.init(address=ray_cluster.address)
-    try:
-        train.train(settings(epochs=5, batch_size=16, workers=1), small_work_dir, models)
-    finally:
-        ray.shutdown()
-    return models
+    return train_on(ray_cluster, small_work_dir, models, epochs=5, batch_size=16, workers=1)
 
 
 @pytest.fixture(scope="module")
